@@ -1,0 +1,118 @@
+"""Corpus -> documents: which files are read, and how each becomes documents with a title and text."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RagcacheError
+
+TEXT_SUFFIXES = {".txt", ".md"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+
+
+@dataclass
+class Document:
+    doc_id: str
+    title: str
+    text: str
+
+
+@dataclass
+class Discovery:
+    files: list[Path]
+    skipped: list[tuple[Path, str]]  # (path, why)
+
+
+def discover(paths: list[str | Path]) -> Discovery:
+    """Expand files and folders (recursively, symlink loops cut) into the supported files, in order."""
+    files, skipped, seen = [], [], set()
+    for raw in paths:
+        root = Path(raw).expanduser()
+        if not root.exists():
+            raise RagcacheError(f"no such file or folder: '{raw}'")
+        candidates = [root] if root.is_file() else _walk(root)
+        for path in candidates:
+            real = path.resolve()
+            if real in seen:
+                continue
+            seen.add(real)
+            if path.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES:
+                files.append(path.absolute())
+            else:
+                skipped.append((path, f"unsupported file type '{path.suffix or '(none)'}'"))
+    return Discovery(files, skipped)
+
+
+def _walk(root: Path) -> list[Path]:
+    out, visited = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop, or a folder reached twice
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames.sort()
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return out
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse(path: Path, data: bytes) -> tuple[list[Document], list[str]]:
+    """Documents in one file's bytes, and warnings for the records that were skipped.
+
+    Raises RagcacheError when the file as a whole cannot be read as text.
+    """
+    if b"\x00" in data[:8192]:
+        raise RagcacheError("binary content")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RagcacheError(f"not UTF-8 (byte {e.start})") from None
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return ([Document(path.stem, _md_title(text) if suffix == ".md" else "", text)] if text.strip() else []), []
+    if suffix == ".jsonl":
+        docs, warnings = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                warnings.append(f"{path}:{n}: not valid JSON, line skipped")
+                continue
+            _add_record(record, f"{path.stem}:{n}", docs, warnings, f"{path}:{n}")
+        return docs, warnings
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise RagcacheError(f"not valid JSON ({e})") from None
+    docs, warnings = [], []
+    for n, record in enumerate(data if isinstance(data, list) else [data]):
+        _add_record(record, f"{path.stem}:{n}", docs, warnings, f"{path}[{n}]")
+    return docs, warnings
+
+
+def _add_record(record, default_id: str, docs: list[Document], warnings: list[str], where: str) -> None:
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        warnings.append(f"{where}: record has no 'text' string, skipped")
+        return
+    if not record["text"].strip():
+        return
+    doc_id = record.get("_id", record.get("id", default_id))
+    docs.append(Document(str(doc_id), str(record.get("title") or ""), record["text"]))
+
+
+def _md_title(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith("# "):
+            return line[2:].strip()
+    return ""

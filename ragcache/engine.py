@@ -1,0 +1,301 @@
+"""RagCache: question -> embedding -> hits -> assembled cache -> tokens, over one index and one model."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import chunking, indexer, prompts
+from . import kv as kvlib
+from . import store as storelib
+from .errors import RagcacheError
+from .model import GritModel, causal_allowed, dtype_name
+from .prompts import Segment, Templates
+from .vectors import Vectors
+
+PROMPT_FORMAT = "grit-v1"  # bump when prompts.embed_prompt changes: stored caches depend on it
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class Answer:
+    answer: str
+    token_ids: list[int]
+    sources: list[dict]
+    timings_ms: dict[str, float]
+    layout: list[Segment]
+    mode: str
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) at the first generated token
+
+    def to_dict(self) -> dict:
+        return {"answer": self.answer, "token_ids": self.token_ids, "sources": self.sources, "mode": self.mode,
+                "timings_ms": self.timings_ms, "layout": [s.to_dict() for s in self.layout]}
+
+
+class RagCache:
+    def __init__(self, store: storelib.Store, model: GritModel):
+        self.store, self.model = store, model
+        self._vectors: Vectors | None = None
+        self._vectors_stamp = -1
+
+    # ---- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, model: GritModel | None = None, create: bool = True, device: str = "auto",
+             dtype: str = "auto") -> "RagCache":
+        """Open (or create) the index at `path`. Without `model`, load the one the index was built with."""
+        store = storelib.Store(Path(path), create=create)
+        try:
+            meta = store.meta()
+            if meta and meta.get("format_version", 0) > storelib.FORMAT_VERSION:
+                raise RagcacheError(f"index '{path}' has format version {meta['format_version']}, newer than this "
+                                    f"ragcache ({storelib.FORMAT_VERSION}); upgrade ragcache")
+            if model is None:
+                if not meta:
+                    raise RagcacheError(f"index '{path}' is empty; name a model with --model to build it")
+                model = GritModel.load(meta["model"]["name"], device=device,
+                                       dtype=meta["model"]["dtype"] if dtype == "auto" else dtype)
+            if meta:
+                _check_model(meta, model, path)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, model)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "RagCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def meta(self) -> dict | None:
+        return self.store.meta()
+
+    def vectors(self) -> Vectors:
+        """The FAISS view, loaded if current, else rebuilt from LMDB (and saved when possible)."""
+        stamp = self.store.version()
+        if self._vectors is not None and self._vectors_stamp == stamp:
+            return self._vectors
+        path = self.store.path / "vectors.faiss"
+        vectors = Vectors.load(path, stamp)
+        if vectors is None:
+            ids, vecs = self.store.embeddings()
+            vectors = Vectors(self.model.hf.config.hidden_size)
+            vectors.add(ids, vecs)
+            if path.exists() and len(ids):
+                _warn(f"the vector index was out of date; rebuilt it from {len(ids)} stored embeddings")
+        self._vectors, self._vectors_stamp = vectors, stamp
+        return vectors
+
+    # ---- indexing ------------------------------------------------------------------------------
+    def index(self, paths: list[str | Path], chunk_tokens: int | None = None, kv_attention: str | None = None,
+              prune: bool = True, show_progress: bool = False, batch_size: int = 8,
+              warn: Callable[[str], None] = _warn) -> indexer.IndexStats:
+        """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned."""
+        meta = self.meta or self._new_meta(chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS, kv_attention or "bidirectional")
+        for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention)):
+            if value is not None and value != meta[name]:
+                raise RagcacheError(f"this index was built with {name.replace('_', '-')}={meta[name]}; "
+                                    f"use a new index for {value}")
+        if meta["kv_attention"] not in prompts.ATTENTIONS:
+            raise RagcacheError(f"unknown kv attention '{meta['kv_attention']}': use bidirectional or causal")
+        self.store.lock_for_writing()
+        try:
+            if self.meta is None:
+                self.store.set_meta(meta)
+            vectors = self.vectors()
+            stats = indexer.run(self.store, self.model, vectors, paths, meta["chunk_tokens"], meta["kv_attention"],
+                                prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn)
+            vectors.save(self.store.path / "vectors.faiss", self.store.version())
+            self._vectors_stamp = self.store.version()
+        finally:
+            self.store.unlock()
+        return stats
+
+    def _new_meta(self, chunk_tokens: int, kv_attention: str) -> dict:
+        cfg = self.model.hf.config
+        return {
+            "format_version": storelib.FORMAT_VERSION,
+            "kv_format_version": kvlib.FORMAT_VERSION,
+            "prompt_format": PROMPT_FORMAT,
+            "model": {"name": self.model.name, "fingerprint": self.model.fingerprint(),
+                      "dtype": dtype_name(self.model.dtype), "layers": cfg.num_hidden_layers,
+                      "kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads},
+            "dim": cfg.hidden_size,
+            "chunk_tokens": chunk_tokens,
+            "kv_attention": kv_attention,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    # ---- asking --------------------------------------------------------------------------------
+    def ask(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
+            max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+            templates: Templates | None = None, on_token: Callable[[str], None] | None = None,
+            ignore_eos: bool = False) -> Answer:
+        """Answer `question` in `mode`; `order` applies to mode='rag'."""
+        _validate(question, mode, order, top_k, max_new_tokens)
+        meta = self.meta
+        if meta is None or self.store.count() == 0:
+            if mode != "none":
+                raise RagcacheError(f"the index '{self.store.path}' holds no documents; run ragcache index first")
+        kv_attention = meta["kv_attention"] if meta else "bidirectional"
+        templates = templates or Templates()
+        timings = dict.fromkeys(("embed", "search", "kv_load", "prefill", "decode", "ttft", "total"), 0.0)
+        t_start = time.perf_counter()
+
+        query_ids, query_kv, hits = [], None, []
+        if mode != "none":
+            cache_query = mode in ("query", "query-doc", "doc-query")
+            enc = self.model.encode([question], kv=kv_attention if cache_query else None)[0]
+            query_ids, query_kv = enc.token_ids, enc.kv
+            t = time.perf_counter()
+            timings["embed"] = t - t_start
+            hits = self.vectors().search(enc.embedding, top_k)
+            timings["search"] = time.perf_counter() - t
+
+        docs = []
+        for cid, _ in hits:
+            record = self.store.chunk(cid)
+            docs.append((cid, prompts.passage(record["title"], record["text"]), record["token_ids"], record))
+        bos_ids = self.model.tokenize(self.model.bos) if self.model.bos else []
+        while True:
+            layout = prompts.build_layout(mode, order, question, query_ids, [d[:3] for d in docs],
+                                          self.model.tokenize, bos_ids, templates, kv_attention)
+            length = sum(len(s.token_ids) for s in layout) + max_new_tokens
+            if length <= self.model.max_context:
+                break
+            if not docs:
+                raise RagcacheError(f"the question and answer need {length} tokens, more than the model's "
+                                    f"context of {self.model.max_context}")
+            dropped = docs.pop()
+            hits = hits[: len(docs)]
+            _warn(f"dropped source '{dropped[3]['title'] or dropped[3]['source']}' (rank {len(docs) + 1}): "
+                  f"the layout would exceed the model's context of {self.model.max_context} tokens")
+
+        t = time.perf_counter()
+        segment_kv = []
+        for seg in layout:
+            if seg.cached:
+                segment_kv.append(query_kv if seg.kind == "query" else kvlib.deserialize(self.store.kv_blob(seg.chunk_id)))
+        timings["kv_load"] = time.perf_counter() - t
+
+        token_ids, first_logits, gen_times = self._generate(layout, segment_kv, max_new_tokens, temperature, top_p,
+                                                            seed, on_token, ignore_eos)
+        timings["prefill"], timings["decode"] = gen_times
+        timings["total"] = time.perf_counter() - t_start
+        timings["ttft"] = timings["total"] - timings["decode"]
+        sources = [{"rank": r + 1, "chunk_id": cid, "score": round(score, 6), "doc_id": d[3]["doc_id"],
+                    "title": d[3]["title"], "source": d[3]["source"], "start": d[3]["start"], "end": d[3]["end"]}
+                   for r, ((cid, score), d) in enumerate(zip(hits, docs))]
+        return Answer(self.model.decode(token_ids), token_ids, sources,
+                      {k: round(v * 1000, 3) for k, v in timings.items()}, layout, mode, first_logits)
+
+    def recompute(self, layout: list[Segment], max_new_tokens: int = 16, ignore_eos: bool = False) -> tuple[list[int], torch.Tensor]:
+        """Greedy tokens and first-step logits from one full forward with the layout's equivalent mask.
+
+        No stored cache is read: this is the reference the cached path must match.
+        """
+        ids = torch.tensor([t for s in layout for t in s.token_ids], device=self.model.device)[None]
+        positions = torch.arange(ids.shape[1], device=self.model.device)[None]
+        allowed = prompts.layout_allowed(layout).to(self.model.device)[None]
+        hidden, cache = self.model.forward(ids, positions, allowed)
+        logits = self.model.logits(hidden[0, -1])
+        tokens, _ = self._decode(cache, logits, ids.shape[1], max_new_tokens, 0.0, 1.0, None, None, ignore_eos)
+        return tokens, logits
+
+    def _generate(self, layout: list[Segment], segment_kv: list[torch.Tensor], max_new_tokens: int,
+                  temperature: float, top_p: float, seed: int | None, on_token, ignore_eos: bool):
+        """Assemble the cached prefix (keys re-rotated to their offsets), prefill the rest, decode."""
+        model, t0 = self.model, time.perf_counter()
+        n_cached = 0
+        parts = []
+        for seg in layout:
+            if not seg.cached:
+                break
+            kv = segment_kv[len(parts)].to(model.device, model.dtype)  # (layers, 2, kv_heads, tokens, head_dim)
+            parts.append(kvlib.rerotate(kv, n_cached, model.inv_freq))
+            n_cached += len(seg.token_ids)
+        if any(s.cached for s in layout[len(parts):]):
+            raise RagcacheError("cached segments must come before computed ones")
+        cache = kvlib.to_cache(torch.cat(parts, dim=3)) if parts else None
+        rest = [t for s in layout[len(parts):] for t in s.token_ids]
+        ids = torch.tensor(rest, device=model.device)[None]
+        positions = torch.arange(n_cached, n_cached + len(rest), device=model.device)[None]
+        hidden, cache = model.forward(ids, positions, causal_allowed(len(rest), n_cached, model.device), cache)
+        logits = model.logits(hidden[0, -1])
+        t_prefill = time.perf_counter() - t0
+        tokens, t_decode = self._decode(cache, logits, n_cached + len(rest), max_new_tokens, temperature, top_p,
+                                        seed, on_token, ignore_eos)
+        return tokens, logits, (t_prefill, t_decode)
+
+    def _decode(self, cache, logits: torch.Tensor, position: int, max_new_tokens: int, temperature: float,
+                top_p: float, seed: int | None, on_token, ignore_eos: bool) -> tuple[list[int], float]:
+        model, t0 = self.model, time.perf_counter()
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        tokens: list[int] = []
+        shown = ""
+        while True:
+            token = _sample(logits, temperature, top_p, generator)
+            if token == model.eos_id and not ignore_eos:
+                break
+            tokens.append(token)
+            if on_token is not None:
+                text = model.decode(tokens)
+                on_token(text[len(shown):])
+                shown = text
+            if len(tokens) >= max_new_tokens:
+                break
+            ids = torch.tensor([[token]], device=model.device)
+            hidden, cache = model.forward(ids, torch.tensor([[position]], device=model.device), None, cache)
+            logits = model.logits(hidden[0, -1])
+            position += 1
+        return tokens, time.perf_counter() - t0
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _validate(question: str, mode: str, order: str, top_k: int, max_new_tokens: int) -> None:
+    if not question or not question.strip():
+        raise RagcacheError("the question is empty")
+    if mode not in prompts.MODES:
+        raise RagcacheError(f"unknown mode '{mode}': use one of {', '.join(prompts.MODES)}")
+    if order not in prompts.ORDERS:
+        raise RagcacheError(f"unknown order '{order}': use doc-first or query-first")
+    if top_k < 1:
+        raise RagcacheError(f"top-k must be at least 1 (got {top_k})")
+    if max_new_tokens < 1:
+        raise RagcacheError(f"max-new-tokens must be at least 1 (got {max_new_tokens})")
+
+
+def _check_model(meta: dict, model: GritModel, path) -> None:
+    """Stored caches are valid only for the exact model and dtype that made them."""
+    built = meta["model"]
+    if built["fingerprint"] != model.fingerprint():
+        raise RagcacheError(f"index '{path}' was built by model '{built['name']}' (fingerprint {built['fingerprint']}), "
+                            f"not by '{model.name}' (fingerprint {model.fingerprint()}); its caches are only valid "
+                            "for the model that made them: use that model or build a new index")
+    if built["dtype"] != dtype_name(model.dtype):
+        raise RagcacheError(f"index '{path}' holds {built['dtype']} caches; load the model with --dtype {built['dtype']}")
+    if meta.get("prompt_format") != PROMPT_FORMAT:
+        raise RagcacheError(f"index '{path}' uses prompt format {meta.get('prompt_format')}, not {PROMPT_FORMAT}; rebuild it")

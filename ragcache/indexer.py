@@ -1,0 +1,160 @@
+"""Corpus -> chunks -> one forward pass per chunk -> (embedding, KV) -> store.
+
+Re-runs are incremental: a file whose bytes hash as before is skipped, a changed file is replaced
+whole, and files that vanished from under the given roots are pruned (unless prune=False).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import chunking, corpus, prompts
+from . import kv as kvlib
+from .errors import RagcacheError
+from .model import GritModel
+from .store import Store
+from .vectors import Vectors
+
+BATCH_CHUNKS = 32  # chunks gathered across files before one round of forward passes
+
+
+@dataclass
+class IndexStats:
+    files_indexed: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
+    files_skipped: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        return (f"indexed {self.files_indexed} files ({self.chunks} chunks, {self.tokens} tokens, {rate:,.0f} tokens/s), "
+                f"{self.files_unchanged} unchanged, {self.files_removed} removed, {self.files_skipped} skipped "
+                f"in {self.seconds:.1f}s")
+
+
+@dataclass
+class _Pending:
+    source: str
+    file_hash: str
+    chunks: list[dict]  # records without embeddings yet
+    passages: list[str]
+
+
+def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path], chunk_tokens: int,
+        kv_attention: str, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
+        warn: Callable[[str], None] = lambda m: None) -> IndexStats:
+    t0 = time.perf_counter()
+    stats = IndexStats()
+    found = corpus.discover(paths)
+    stats.skipped += [(str(p), why) for p, why in found.skipped]
+    known = store.files()
+
+    pending: list[_Pending] = []
+    for path in found.files:
+        source = str(path)
+        try:
+            data = path.read_bytes()
+            file_hash = corpus.content_hash(data)
+            if known.get(source, {}).get("hash") == file_hash:
+                stats.files_unchanged += 1
+                continue
+            docs, warnings = corpus.parse(path, data)
+        except (OSError, RagcacheError) as e:
+            stats.skipped.append((source, str(e.strerror if isinstance(e, OSError) else e)))
+            continue
+        for w in warnings:
+            warn(w)
+        stats.warnings += warnings
+        pending.append(_chunk_file(source, file_hash, docs, model, chunk_tokens))
+
+    if prune:
+        roots = [Path(p).expanduser().absolute() for p in paths]
+        seen = {str(p) for p in found.files}
+        for source in known:
+            if source not in seen and any(Path(source).is_relative_to(r) for r in roots):
+                vectors.remove(store.remove_file(source))
+                stats.files_removed += 1
+
+    total = sum(len(p.chunks) for p in pending)
+    with _progress(show_progress, total) as advance:
+        for group in _groups(pending):
+            passages = [text for p in group for text in p.passages]
+            encoded = model.encode(passages, kv=kv_attention, batch_size=batch_size)
+            for p in group:
+                mine, encoded = encoded[: len(p.chunks)], encoded[len(p.chunks):]
+                rows = []
+                for record, enc in zip(p.chunks, mine):
+                    record["token_ids"] = enc.token_ids
+                    rows.append((record, enc.embedding, kvlib.serialize(enc.kv)))
+                removed, added = store.put_file(p.source, p.file_hash, rows)
+                vectors.remove(removed)
+                if mine:
+                    vectors.add(added, np.stack([e.embedding for e in mine]))
+                stats.files_indexed += 1
+                stats.chunks += len(mine)
+                stats.tokens += sum(len(e.token_ids) for e in mine)
+                advance(len(mine), sum(len(e.token_ids) for e in mine))
+    stats.files_skipped = len(stats.skipped)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _chunk_file(source: str, file_hash: str, docs: list[corpus.Document], model: GritModel, chunk_tokens: int) -> _Pending:
+    records, passages = [], []
+    for doc in docs:
+        for start, end in chunking.chunk_spans(doc.text, model.tokenizer, chunk_tokens):
+            text = doc.text[start:end]
+            records.append({"doc_id": doc.doc_id, "title": doc.title, "text": text, "source": source,
+                            "start": start, "end": end})
+            passages.append(prompts.passage(doc.title, text))
+    return _Pending(source, file_hash, records, passages)
+
+
+def _groups(pending: list[_Pending]):
+    """Whole files, gathered until a group holds at least BATCH_CHUNKS chunks."""
+    group, size = [], 0
+    for p in pending:
+        group.append(p)
+        size += len(p.chunks)
+        if size >= BATCH_CHUNKS:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+class _progress:
+    """A rich bar of chunks with a tokens-per-second column, or nothing."""
+
+    def __init__(self, show: bool, total: int):
+        self.show, self.total = show and total > 0, total
+
+    def __enter__(self):
+        if not self.show:
+            return lambda chunks, tokens: None
+        self.bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+                            TextColumn("{task.fields[rate]} tokens/s"), TimeElapsedColumn(), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("indexing", total=self.total, rate="-")
+        t0, seen = time.perf_counter(), [0]
+
+        def advance(chunks: int, tokens: int) -> None:
+            seen[0] += tokens
+            rate = seen[0] / max(time.perf_counter() - t0, 1e-9)
+            self.bar.update(task, advance=chunks, rate=f"{rate:,.0f}")
+        return advance
+
+    def __exit__(self, *exc):
+        if self.show:
+            self.bar.__exit__(*exc)

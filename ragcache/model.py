@@ -1,0 +1,228 @@
+"""GritModel: one set of decoder weights that embeds (bidirectional attention) and generates (causal).
+
+The attention kind is chosen per call by the 4D mask we hand the decoder, so switching costs nothing
+and never reloads weights. Every forward here takes explicit position ids and an explicit mask: the
+engine places cached segments at arbitrary offsets and needs the model to do exactly what it is told.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from . import kv as kvlib
+from . import prompts
+from .errors import RagcacheError
+from .progress import bar
+
+DEFAULT_MODEL = "GritLM/GritLM-7B"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RagcacheError("--device cuda was asked for, but no CUDA device is available")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise RagcacheError(f"unknown device '{device}': use auto, cpu or cuda")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise RagcacheError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Encoded:
+    """One text after an embedding pass: its formatted tokens, pooled vector and optional KV."""
+
+    token_ids: list[int]
+    embedding: np.ndarray  # (dim,) float32, L2-normalised
+    kv: torch.Tensor | None  # (layers, 2, kv_heads, tokens, head_dim), on the CPU
+
+
+def allowed_to_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (b, q, k) 'may attend' matrix -> additive (b, 1, q, k) mask the HF decoder takes as-is."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def padded_allowed(lengths: list[int], bidirectional: bool, device: torch.device) -> torch.Tensor:
+    """(b, t, t) for right-padded sequences; pad keys stay invisible to real tokens.
+
+    Each position may always see itself, so a pad row is never fully masked (which would give NaN
+    under bf16 and leak through the pad tokens' keys into nothing, but is cleaner never to make).
+    """
+    t = max(lengths)
+    idx = torch.arange(t, device=device)
+    real = idx[None, :] < torch.tensor(lengths, device=device)[:, None]  # (b, t)
+    allowed = real[:, None, :].expand(len(lengths), t, t)
+    if not bidirectional:
+        allowed = allowed & (idx[None, :] <= idx[:, None])
+    return allowed | torch.eye(t, dtype=torch.bool, device=device)
+
+
+def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
+    """(1, q, past+q): new tokens see every past token and the new ones up to themselves."""
+    cols = torch.arange(past + q, device=device)
+    rows = torch.arange(q, device=device) + past
+    return (cols[None, :] <= rows[:, None])[None]
+
+
+class GritModel:
+    def __init__(self, hf, tokenizer, name: str):
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.decoder = hf.get_decoder()
+        self.lm_head = hf.get_output_embeddings()
+        rotary = getattr(self.decoder, "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise RagcacheError(f"model '{name}' has no rotary position embedding; ragcache needs one to move cached keys")
+        self.inv_freq = rotary.inv_freq.float()
+        param = next(hf.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.bos = tokenizer.bos_token or ""
+        self.eos_id = tokenizer.eos_token_id
+        self.max_context = int(getattr(hf.config, "max_position_embeddings", 0) or 1 << 20)
+        self._fingerprint: str | None = None
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> "GritModel":
+        """Load from a local directory or a hub id; the hub being out of reach is a one-line error."""
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        path = Path(name_or_path).expanduser()
+        looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+        if looks_local and not path.is_dir():
+            raise RagcacheError(f"no model directory at '{name_or_path}'")
+        source = str(path) if path.is_dir() else name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
+        except (OSError, ValueError) as e:
+            if path.is_dir():
+                raise RagcacheError(f"cannot load the model in '{source}': {str(e).splitlines()[0]}") from None
+            raise RagcacheError(
+                f"cannot load '{name_or_path}' from the Hugging Face hub (offline, or no such model); "
+                "pass --model PATH with a local model directory"
+            ) from None
+        if not tokenizer.is_fast:
+            raise RagcacheError(f"model '{name_or_path}' has no fast tokenizer; ragcache needs token offsets to chunk text")
+        return cls(hf.to(device), tokenizer, str(path.resolve()) if path.is_dir() else name_or_path)
+
+    def fingerprint(self) -> str:
+        """Hash of config, tokenizer and a strided sample of every weight (dtype-independent)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            config = {k: v for k, v in self.hf.config.to_dict().items()
+                      if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
+            h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+            h.update(json.dumps([self.tokenizer.bos_token, self.tokenizer.eos_token]).encode())
+            for name, p in sorted(self.hf.state_dict().items()):
+                flat = p.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 512)][:512].float().cpu().numpy()
+                h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ---- tokens --------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as written: special tokens in it (like <s>) count, none are added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def embed_tokens(self, text: str, instruction: str = "") -> tuple[list[int], int]:
+        """Tokens of the embedding prompt as one string, and where the pooled text begins."""
+        full, prefix = prompts.embed_prompt(text, instruction, self.bos)
+        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        # pool over tokens that end past the instruction part (everything up to and including <|embed|>\n)
+        start = next((i for i, (_, end) in enumerate(offsets) if end > len(prefix)), len(ids))
+        return ids, start
+
+    # ---- forward passes ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+                cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+        """Run the decoder. ids/positions (b, q); allowed (b, q, past+q) or None for 'see everything'.
+
+        Returns the last hidden states (b, q, hidden) and the cache, which now holds past+q tokens.
+        """
+        cache = DynamicCache() if cache is None else cache  # never the config's sliding layers: they drop tokens
+        mask = None if allowed is None else allowed_to_mask(allowed, self.dtype)
+        out = self.decoder(input_ids=ids, position_ids=positions, attention_mask=mask,
+                           past_key_values=cache, use_cache=True)
+        return out.last_hidden_state, out.past_key_values
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], instruction: str = "", kv: str | None = None,
+               batch_size: int = 8, progress=None) -> list[Encoded]:
+        """Embedding pass over `texts`, batched by length; optionally the KV of each text's tokens.
+
+        kv=None: no cache kept. kv="bidirectional": the cache of the embedding pass itself.
+        kv="causal": a second, causal pass over the same tokens for an exact generation cache.
+        Every returned KV covers exactly its sequence's tokens: padding is cut off before it leaves.
+        """
+        toks = [self.embed_tokens(t, instruction) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(toks[i][0]))
+        results: list[Encoded | None] = [None] * len(texts)
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            lengths = [len(toks[i][0]) for i in rows]
+            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, : lengths[r]] = torch.tensor(toks[i][0])
+            ids = ids.to(self.device)
+            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+            hidden, cache = self.forward(ids, positions, padded_allowed(lengths, True, self.device))
+            if kv == "causal":
+                _, cache = self.forward(ids, positions, padded_allowed(lengths, False, self.device))
+            for r, i in enumerate(rows):
+                start, n = toks[i][1], lengths[r]
+                pooled = hidden[r, start:n].float().mean(0) if n > start else torch.zeros(hidden.shape[-1])
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                seq_kv = kvlib.from_cache(cache, r, n).cpu() if kv else None
+                results[i] = Encoded(toks[i][0], pooled.cpu().numpy().astype(np.float32), seq_kv)
+            if progress is not None:
+                progress(len(rows))
+        return results  # type: ignore[return-value]
+
+    def embed(self, texts: list[str] | str, instruction: str = "", batch_size: int = 8,
+              show_progress_bar: bool = False, convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+        """L2-normalised embeddings, shape (n, dim), float32 numpy by default."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        with bar(show_progress_bar, "embedding", total=len(texts)) as advance:
+            vectors = [e.embedding for e in self.encode(texts, instruction, None, batch_size, progress=advance)]
+        out = np.stack(vectors) if vectors else np.zeros((0, self.hf.config.hidden_size), np.float32)
+        out = out[0] if single else out
+        return out if convert_to_numpy else torch.from_numpy(out)
+
+    def __repr__(self) -> str:
+        return f"GritModel({self.name!r}, device={self.device}, dtype={dtype_name(self.dtype)})"
+

@@ -1,0 +1,173 @@
+"""The on-disk format, in one place: an LMDB environment that is the index's source of truth.
+
+INDEX/                  an LMDB environment (data.mdb, lock.mdb), plus
+INDEX/vectors.faiss     a FAISS view of the embeddings, rebuilt from LMDB when it is stale
+INDEX/writer.lock       held by the one process that may write
+
+Named databases:
+  meta    b"index"          -> JSON: format version, model identity, dtype, formats, chunking, KV attention
+  files   source path       -> JSON: {"hash": sha256 of the file's bytes, "chunks": [ids]}
+  chunks  id (u64 BE)       -> JSON: doc_id, title, text, source, start, end, token_ids (the cached segment)
+  emb     id (u64 BE)       -> float32 bytes of the pooled, L2-normalised embedding
+  kv      id (u64 BE)       -> a KV blob (see kv.py): header + zstd bytes
+
+A file's chunks, embeddings, KV blobs and its `files` record are written in one transaction, so a
+file is in the index whole or not at all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from .errors import RagcacheError
+
+FORMAT_VERSION = 1
+_ID = struct.Struct(">Q")
+_MAP_SIZE = 1 << 36  # 64 GiB of address space to start; LMDB files stay sparse, and it doubles when full
+
+
+def key(cid: int) -> bytes:
+    return _ID.pack(cid)
+
+
+class Store:
+    def __init__(self, path: Path, create: bool):
+        """Open the index at `path`, creating it when `create`; readers and the writer share one env."""
+        self.path = path
+        if path.exists() and not path.is_dir():
+            raise RagcacheError(f"index path '{path}' is a file, not a folder")
+        exists = (path / "data.mdb").exists()
+        if not create and not exists:
+            raise RagcacheError(f"no index at '{path}'; build one with: ragcache index CORPUS -i {path}")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=8, lock=True)
+        except (OSError, lmdb.Error) as e:
+            raise RagcacheError(f"cannot open the index at '{path}': {e}") from None
+        names = ("meta", "files", "chunks", "emb", "kv")
+        try:
+            self.db = {n: self.env.open_db(n.encode(), create=not exists) for n in names}
+        except lmdb.Error:
+            raise RagcacheError(f"'{path}' is not a ragcache index") from None
+        self._lock = None
+
+    def lock_for_writing(self) -> None:
+        """Become the index's one writer, or fail at once naming the process that is."""
+        if self._lock is None:
+            self._lock = _take_writer_lock(self.path / "writer.lock")
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def close(self) -> None:
+        self.unlock()
+        self.env.close()
+
+    # ---- reads ---------------------------------------------------------------------------------
+    def meta(self) -> dict | None:
+        with self.env.begin(db=self.db["meta"]) as txn:
+            raw = txn.get(b"index")
+        return json.loads(raw) if raw else None
+
+    def files(self) -> dict[str, dict]:
+        with self.env.begin(db=self.db["files"]) as txn:
+            return {k.decode(): json.loads(v) for k, v in txn.cursor()}
+
+    def chunk(self, cid: int) -> dict:
+        with self.env.begin(db=self.db["chunks"]) as txn:
+            raw = txn.get(key(cid))
+        if raw is None:
+            raise RagcacheError(f"chunk {cid} is missing from the index")
+        return json.loads(raw)
+
+    def kv_blob(self, cid: int) -> bytes:
+        with self.env.begin(db=self.db["kv"], buffers=True) as txn:
+            raw = txn.get(key(cid))
+            if raw is None:
+                raise RagcacheError(f"the KV cache of chunk {cid} is missing from the index")
+            return bytes(raw)
+
+    def count(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self.db["chunks"])["entries"]
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors) in id order: what FAISS is rebuilt from."""
+        ids, vecs = [], []
+        with self.env.begin(db=self.db["emb"]) as txn:
+            for k, v in txn.cursor():
+                ids.append(_ID.unpack(k)[0])
+                vecs.append(np.frombuffer(v, dtype=np.float32))
+        return np.array(ids, dtype=np.int64), (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+    def version(self) -> int:
+        """The last committed transaction: FAISS files are stamped with it to detect staleness."""
+        return self.env.info()["last_txnid"]
+
+    # ---- writes --------------------------------------------------------------------------------
+    def set_meta(self, meta: dict) -> None:
+        self._write(lambda txn: txn.put(b"index", json.dumps(meta).encode(), db=self.db["meta"]))
+
+    def put_file(self, source: str, file_hash: str, chunks: list[tuple[dict, np.ndarray, bytes]]) -> tuple[list[int], list[int]]:
+        """Replace everything stored for `source` with `chunks` in one transaction: (removed, added) ids."""
+        def work(txn):
+            removed = self._drop(txn, source)
+            raw = txn.get(b"next_id", db=self.db["meta"])
+            next_id = int(raw) if raw else 0
+            added = list(range(next_id, next_id + len(chunks)))
+            for cid, (record, emb, blob) in zip(added, chunks):
+                txn.put(key(cid), json.dumps(record).encode(), db=self.db["chunks"])
+                txn.put(key(cid), np.asarray(emb, dtype=np.float32).tobytes(), db=self.db["emb"])
+                txn.put(key(cid), blob, db=self.db["kv"])
+            txn.put(b"next_id", str(next_id + len(chunks)).encode(), db=self.db["meta"])
+            txn.put(source.encode(), json.dumps({"hash": file_hash, "chunks": added}).encode(), db=self.db["files"])
+            return removed, added
+        return self._write(work)
+
+    def remove_file(self, source: str) -> list[int]:
+        return self._write(lambda txn: self._drop(txn, source))
+
+    def _drop(self, txn, source: str) -> list[int]:
+        raw = txn.get(source.encode(), db=self.db["files"])
+        if raw is None:
+            return []
+        ids = json.loads(raw)["chunks"]
+        for cid in ids:
+            for name in ("chunks", "emb", "kv"):
+                txn.delete(key(cid), db=self.db[name])
+        txn.delete(source.encode(), db=self.db["files"])
+        return ids
+
+    def _write(self, work):
+        """Run `work(txn)` in one write transaction, growing the map and retrying when it is full."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+
+def _take_writer_lock(path: Path):
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RagcacheError(f"the index '{path.parent}' is being written by process {holder}; wait for it to finish") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

@@ -1,0 +1,90 @@
+"""Tiny random-weight models, saved to a temp dir and loaded through the same path a user's model takes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MISTRAL_TOKENIZER = SHARED / "tokenizers" / "mistral-7b-v0.1"
+STORIES = SHARED / "models" / "stories260K"
+SQUAD = SHARED / "data" / "squad-v2-sample" / "dev-first5articles.json"
+
+FAMILIES = {
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+_TRAINING_TEXT = """<|user|> <|embed|> <|assistant|> Answer the prior query while optionally using the context prior to it.
+Optionally using the prior context answer the query prior to it. The answer is
+The quick brown fox jumps over the lazy dog. Paris is the capital of France. Berlin is the capital of Germany.
+Water boils at one hundred degrees. The moon orbits the earth, and the earth orbits the sun.
+What is the capital of France? Who wrote the book? How many legs does a spider have? Eight legs.
+"""
+
+
+def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+    """The real Mistral tokenizer when ../shared has it, else a small byte-level BPE trained here."""
+    if MISTRAL_TOKENIZER.is_dir():
+        for f in MISTRAL_TOKENIZER.iterdir():
+            shutil.copy(f, out / f.name)
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(out)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_TRAINING_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(out: Path, family: str = "mistral", seed: int = 0, layers: int = 2, hidden: int = 64,
+                max_positions: int = 4096) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(out)
+    config_cls, model_cls = FAMILIES[family]
+    extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, initializer_range=0.1,
+                        **extra)
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="session")
+def model(model_dir):
+    from ragcache import GritModel
+    return GritModel.load(str(model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A few short real-text documents in every supported format."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "france.txt").write_text("Paris is the capital of France. It lies on the Seine.\n\n"
+                                     "The Eiffel Tower was finished in 1889.")
+    (root / "notes.md").write_text("# Germany\n\nBerlin is the capital of Germany. It has many museums.")
+    (root / "facts.jsonl").write_text(
+        '{"_id": "w1", "title": "Water", "text": "Water boils at one hundred degrees Celsius at sea level."}\n'
+        '{"_id": "s1", "title": "Spiders", "text": "A spider has eight legs and spins silk webs."}\n')
+    (root / "moon.json").write_text('[{"id": "m1", "title": "Moon", "text": "The moon orbits the earth every 27 days."}]')
+    (root / "image.png").write_bytes(b"\x89PNG\r\n")
+    return root
