@@ -27,13 +27,19 @@ class Discovery:
     skipped: list[tuple[Path, str]]  # (path, why)
 
 
+def check_paths(paths: list[str | Path]) -> list[Path]:
+    """The corpus roots, each of which must exist."""
+    roots = [Path(raw).expanduser() for raw in paths]
+    for raw, root in zip(paths, roots):
+        if not root.exists():
+            raise RagcacheError(f"no such file or folder: '{raw}'")
+    return roots
+
+
 def discover(paths: list[str | Path]) -> Discovery:
     """Expand files and folders (recursively, symlink loops cut) into the supported files, in order."""
     files, skipped, seen = [], [], set()
-    for raw in paths:
-        root = Path(raw).expanduser()
-        if not root.exists():
-            raise RagcacheError(f"no such file or folder: '{raw}'")
+    for root in check_paths(paths):
         candidates = [root] if root.is_file() else _walk(root)
         for path in candidates:
             real = path.resolve()

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from . import chunking, indexer, prompts
+from . import chunking, corpus, indexer, prompts
 from . import kv as kvlib
 from . import store as storelib
 from .errors import RagcacheError
@@ -104,6 +104,7 @@ class RagCache:
               prune: bool = True, show_progress: bool = False, batch_size: int = 8,
               warn: Callable[[str], None] = _warn) -> indexer.IndexStats:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned."""
+        corpus.check_paths(paths)  # before anything is written
         meta = self.meta or self._new_meta(chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS, kv_attention or "bidirectional")
         for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention)):
             if value is not None and value != meta[name]:

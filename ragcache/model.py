@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,26 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine fails in seconds, not after minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(source: str, torch_dtype: torch.dtype, local_only: bool):
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa",
+                                              local_files_only=local_only)
+    return tokenizer, hf
 
 
 @dataclass
@@ -115,14 +136,13 @@ class GritModel:
             raise RagcacheError(f"no model directory at '{name_or_path}'")
         source = str(path) if path.is_dir() else name_or_path
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
+            tokenizer, hf = _from_pretrained(source, torch_dtype, local_only=path.is_dir() or not _hub_reachable())
         except (OSError, ValueError) as e:
             if path.is_dir():
                 raise RagcacheError(f"cannot load the model in '{source}': {str(e).splitlines()[0]}") from None
             raise RagcacheError(
-                f"cannot load '{name_or_path}' from the Hugging Face hub (offline, or no such model); "
-                "pass --model PATH with a local model directory"
+                f"cannot load '{name_or_path}': the Hugging Face hub cannot be reached (or has no such model) "
+                "and it is not in the local cache; pass --model PATH with a local model directory"
             ) from None
         if not tokenizer.is_fast:
             raise RagcacheError(f"model '{name_or_path}' has no fast tokenizer; ragcache needs token offsets to chunk text")
@@ -139,7 +159,8 @@ class GritModel:
             h.update(json.dumps([self.tokenizer.bos_token, self.tokenizer.eos_token]).encode())
             for name, p in sorted(self.hf.state_dict().items()):
                 flat = p.detach().reshape(-1)
-                sample = flat[:: max(1, flat.numel() // 512)][:512].float().cpu().numpy()
+                # rounded to bfloat16, so the same weights loaded in float32 or bfloat16 hash alike
+                sample = flat[:: max(1, flat.numel() // 512)][:512].to(torch.bfloat16).float().cpu().numpy()
                 h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
