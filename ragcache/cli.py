@@ -50,9 +50,10 @@ def _open(index: Optional[str], model: Optional[str], device: str, dtype: str, c
     """Open an index; load the model named, else the index's own, else the default."""
     from .engine import RagCache
     from .model import GritModel
+    from .store import check
     _quiet_transformers()
     path = config.resolve_index(index)
-    if model is None and not (path / "data.mdb").exists():
+    if model is None and not check(path, must_exist=not create):
         model = config.default_model()
     loaded = GritModel.load(model, device=device, dtype=dtype) if model else None
     return RagCache.open(path, model=loaded, create=create, device=device, dtype=dtype)
@@ -79,6 +80,8 @@ def index(
         raise RagcacheError(f"unknown --kv-attention '{kv_attention}': use bidirectional or causal")
     if chunk_tokens is not None and chunk_tokens < 8:
         raise RagcacheError("--chunk-tokens must be at least 8")
+    from .corpus import check_paths
+    check_paths(corpus)  # before a model loads or an index is created
     rc = _open(index, model, device, dtype, create=True)
     with rc:
         stats = rc.index(corpus, chunk_tokens=chunk_tokens, kv_attention=kv_attention, prune=prune,
@@ -143,8 +146,8 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
            "model": config.default_model(),
            "env": {"RAGCACHE_HOME": "folder of indexes", "RAGCACHE_INDEX": "default index",
                    "RAGCACHE_MODEL": "default model"}}
-    if (path / "data.mdb").exists():
-        from .store import Store
+    from .store import Store, check
+    if check(path, must_exist=False):
         store = Store(path, create=False)
         try:
             meta = store.meta() or {}

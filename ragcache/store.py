@@ -41,11 +41,7 @@ class Store:
     def __init__(self, path: Path, create: bool):
         """Open the index at `path`, creating it when `create`; readers and the writer share one env."""
         self.path = path
-        if path.exists() and not path.is_dir():
-            raise RagcacheError(f"index path '{path}' is a file, not a folder")
-        exists = (path / "data.mdb").exists()
-        if not create and not exists:
-            raise RagcacheError(f"no index at '{path}'; build one with: ragcache index CORPUS -i {path}")
+        exists = check(path, must_exist=not create)
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=8, lock=True)
@@ -155,6 +151,16 @@ class Store:
                     return work(txn)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+
+def check(path: Path, must_exist: bool) -> bool:
+    """Whether an index is at `path`; a file there, or no index where one must be, is an error."""
+    if path.exists() and not path.is_dir():
+        raise RagcacheError(f"index path '{path}' is a file, not a folder")
+    exists = (path / "data.mdb").exists()
+    if must_exist and not exists:
+        raise RagcacheError(f"no index at '{path}'; build one with: ragcache index CORPUS -i {path}")
+    return exists
 
 
 def _take_writer_lock(path: Path):

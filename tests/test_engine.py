@@ -1,0 +1,183 @@
+"""The equivalence contract, idempotent re-indexing and model identity, on a tiny random model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import build_model
+from ragcache import GritModel, RagCache, RagcacheError
+from ragcache.prompts import MODES, Segment
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module", params=["bidirectional", "causal"])
+def rc(request, tmp_path_factory, model, corpus_dir):
+    rc = RagCache.open(tmp_path_factory.mktemp(f"idx-{request.param}") / "idx", model=model)
+    rc.index([corpus_dir], kv_attention=request.param, chunk_tokens=24)
+    yield rc
+    rc.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_cached_path_equals_full_masked_recompute(rc, mode, top_k):
+    answer = rc.ask(QUESTION, mode=mode, top_k=top_k, max_new_tokens=8, ignore_eos=True)
+    tokens, logits = rc.recompute(answer.layout, max_new_tokens=8, ignore_eos=True)
+    assert answer.token_ids == tokens
+    assert (answer.first_logits - logits).abs().max().item() < 1e-3
+    docs = [s for s in answer.layout if s.kind == "doc"]
+    assert len(docs) == (0 if mode in ("none", "query") else top_k)
+    cached = {s.kind for s in answer.layout if s.cached}
+    assert cached == {"none": set(), "rag": set(), "query": {"query"}, "doc": {"doc"},
+                      "query-doc": {"query", "doc"}, "doc-query": {"query", "doc"}}[mode]
+    for seg in answer.layout:
+        assert seg.attention == (rc.meta["kv_attention"] if seg.cached else "causal")
+
+
+def test_rag_query_first_matches_layout_order(rc):
+    answer = rc.ask(QUESTION, mode="rag", order="query-first", top_k=2, max_new_tokens=4)
+    assert [s.kind for s in answer.layout] == ["query", "prompt"]
+    assert not any(s.cached for s in answer.layout)
+    tokens, _ = rc.recompute(answer.layout, max_new_tokens=4)
+    assert answer.token_ids == tokens
+
+
+def test_cached_segment_equals_the_segment_encoded_alone(rc):
+    """Stored KV = the model's KV for exactly the chunk's tokens from position 0, with the index's attention."""
+    from ragcache import kv
+    from ragcache.model import padded_allowed
+    cid = rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=1).sources[0]["chunk_id"]
+    record = rc.store.chunk(cid)
+    ids = torch.tensor([record["token_ids"]])
+    bidirectional = rc.meta["kv_attention"] == "bidirectional"
+    _, cache = rc.model.forward(ids, torch.arange(ids.shape[1])[None], padded_allowed([ids.shape[1]], bidirectional, rc.model.device))
+    stored = kv.deserialize(rc.store.kv_blob(cid))
+    assert torch.allclose(stored, kv.from_cache(cache, 0, ids.shape[1]), atol=1e-5)
+
+
+def test_causal_doc_cache_is_pure_speed(rc):
+    if rc.meta["kv_attention"] != "causal":
+        pytest.skip("only a causal index makes doc mode equal to plain RAG")
+    doc = rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=12, ignore_eos=True)
+    rag = rc.ask(QUESTION, mode="rag", order="doc-first", top_k=1, max_new_tokens=12, ignore_eos=True)
+    assert [s.token_ids for s in doc.layout] == [s.token_ids for s in rag.layout]
+    assert doc.token_ids == rag.token_ids
+    assert (doc.first_logits - rag.first_logits).abs().max().item() < 1e-4
+
+
+def test_answer_json_shape(rc):
+    out = json.loads(json.dumps(rc.ask(QUESTION, mode="doc", top_k=2, max_new_tokens=3).to_dict()))
+    assert set(out) >= {"answer", "token_ids", "sources", "timings_ms", "layout"}
+    assert set(out["timings_ms"]) >= {"embed", "search", "kv_load", "prefill", "decode", "total"}
+    assert {"title", "source", "score"} <= set(out["sources"][0])
+    seg = out["layout"][0]
+    assert {"kind", "token_ids", "cached", "attention"} <= set(seg)
+    assert out["sources"][0]["score"] >= out["sources"][1]["score"]
+
+
+def test_top_k_larger_than_corpus_returns_all(rc):
+    answer = rc.ask(QUESTION, mode="doc", top_k=1000, max_new_tokens=1)
+    assert len(answer.sources) == rc.store.count()
+
+
+@pytest.mark.parametrize("bad", [dict(question=""), dict(mode="nope"), dict(top_k=0), dict(top_k=-2),
+                                 dict(order="sideways"), dict(max_new_tokens=0)])
+def test_bad_questions_are_clear_errors(rc, bad):
+    kwargs = dict(question=QUESTION) | bad
+    with pytest.raises(RagcacheError):
+        rc.ask(kwargs.pop("question"), **kwargs)
+
+
+def test_context_overflow_drops_lowest_ranked(tmp_path, capsys):
+    small = GritModel.load(str(build_model(tmp_path / "m", max_positions=96)), device="cpu", dtype="float32")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"Document {i} says that Paris is the capital of France and more words.")
+    with RagCache.open(tmp_path / "idx", model=small) as rc:
+        rc.index([corpus])
+        answer = rc.ask(QUESTION, mode="doc", top_k=4, max_new_tokens=8)
+        assert 1 <= len(answer.sources) < 4
+        assert sum(len(s.token_ids) for s in answer.layout) + 8 <= 96
+        assert "dropped source" in capsys.readouterr().err
+        with pytest.raises(RagcacheError, match="context"):
+            rc.ask("word " * 200, mode="doc", top_k=1)
+
+
+def test_reindex_is_idempotent_and_tracks_changes(tmp_path, model, corpus_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        first = rc.index([corpus])
+        assert first.files_indexed == 4 and first.files_skipped == 1
+        ids = sorted(rc.store.embeddings()[0].tolist())
+        again = rc.index([corpus])
+        assert again.files_indexed == 0 and again.files_unchanged == 4 and again.chunks == 0
+        assert sorted(rc.store.embeddings()[0].tolist()) == ids
+
+        (corpus / "france.txt").write_text("Lyon is a city in France.")
+        (corpus / "moon.json").unlink()
+        changed = rc.index([corpus])
+        assert (changed.files_indexed, changed.files_removed, changed.files_unchanged) == (1, 1, 2)
+        texts = [rc.store.chunk(i)["text"] for i in rc.store.embeddings()[0].tolist()]
+        assert "Lyon is a city in France." in texts
+        assert not any("Paris" in t or "moon" in t for t in texts)
+        assert len(rc.vectors()) == rc.store.count()
+        hit = rc.ask("Lyon", mode="doc", top_k=rc.store.count(), max_new_tokens=1)
+        assert {s["chunk_id"] for s in hit.sources} == set(rc.store.embeddings()[0].tolist())
+
+
+def test_no_prune_keeps_vanished_files(tmp_path, model, corpus_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        rc.index([corpus])
+        n = rc.store.count()
+        (corpus / "moon.json").unlink()
+        assert rc.index([corpus], prune=False).files_removed == 0
+        assert rc.store.count() == n
+
+
+def test_stale_vectors_are_rebuilt_from_lmdb(tmp_path, model, corpus_dir):
+    path = tmp_path / "idx"
+    with RagCache.open(path, model=model) as rc:
+        rc.index([corpus_dir])
+        n = rc.store.count()
+    (path / "vectors.faiss").unlink()
+    with RagCache.open(path, model=model) as rc:
+        assert len(rc.vectors()) == n
+        assert rc.ask(QUESTION, top_k=2, max_new_tokens=1).sources
+
+
+def test_another_model_is_refused(tmp_path, model, corpus_dir):
+    path = tmp_path / "idx"
+    with RagCache.open(path, model=model) as rc:
+        rc.index([corpus_dir])
+    other = GritModel.load(str(build_model(tmp_path / "other", seed=7)), device="cpu", dtype="float32")
+    with pytest.raises(RagcacheError, match="only valid for the model that made them"):
+        RagCache.open(path, model=other)
+    bf16 = GritModel.load(str(model.name), device="cpu", dtype="bfloat16")
+    with pytest.raises(RagcacheError, match="--dtype float32"):
+        RagCache.open(path, model=bf16)
+    # without a model, the index loads its own
+    with RagCache.open(path) as rc:
+        assert rc.model.fingerprint() == model.fingerprint()
+
+
+def test_settings_are_fixed_at_creation(tmp_path, model, corpus_dir):
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        rc.index([corpus_dir], kv_attention="causal")
+        assert rc.meta["kv_attention"] == "causal"
+        with pytest.raises(RagcacheError, match="kv-attention=causal"):
+            rc.index([corpus_dir], kv_attention="bidirectional")
+        with pytest.raises(RagcacheError, match="chunk-tokens"):
+            rc.index([corpus_dir], chunk_tokens=99)
+
+
+def test_recompute_matches_hand_built_layout(rc, model):
+    layout = [Segment("prompt", model.tokenize("<s>Once upon a time"), False, "causal")]
+    tokens, _ = rc.recompute(layout, max_new_tokens=4, ignore_eos=True)
+    assert len(tokens) == 4
