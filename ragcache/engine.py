@@ -220,18 +220,16 @@ class RagCache:
                   temperature: float, top_p: float, seed: int | None, on_token, ignore_eos: bool):
         """Assemble the cached prefix (keys re-rotated to their offsets), prefill the rest, decode."""
         model, t0 = self.model, time.perf_counter()
-        n_cached = 0
         parts = []
         for seg in layout:
             if not seg.cached:
                 break
-            kv = segment_kv[len(parts)].to(model.device, model.dtype)  # (layers, 2, kv_heads, tokens, head_dim)
-            parts.append(kvlib.rerotate(kv, n_cached, model.inv_freq))
-            n_cached += len(seg.token_ids)
+            parts.append(segment_kv[len(parts)].to(model.device, model.dtype))  # (layers, 2, kv_heads, tokens, head_dim)
         if any(s.cached for s in layout[len(parts):]):
             raise RagcacheError("cached segments must come before computed ones")
-        cache = kvlib.to_cache(torch.cat(parts, dim=3)) if parts else None
+        n_cached = sum(len(s.token_ids) for s in layout[: len(parts)])
         rest = [t for s in layout[len(parts):] for t in s.token_ids]
+        cache = kvlib.assemble(parts, model.inv_freq, model.hf.config.num_hidden_layers, len(rest) + max_new_tokens)
         ids = torch.tensor(rest, device=model.device)[None]
         positions = torch.arange(n_cached, n_cached + len(rest), device=model.device)[None]
         hidden, cache = model.forward(ids, positions, causal_allowed(len(rest), n_cached, model.device), cache)

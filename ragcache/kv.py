@@ -16,7 +16,7 @@ import zlib
 
 import torch
 import zstandard
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .errors import RagcacheError
 
@@ -32,7 +32,7 @@ class CorruptKV(RagcacheError):
     """A stored KV blob failed its header or checksum test."""
 
 
-def from_cache(cache: DynamicCache, row: int, length: int) -> torch.Tensor:
+def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
     """Cut one sequence's first `length` tokens out of a batched HF cache."""
     # each layer: keys/values (batch, kv_heads, tokens, head_dim)
     return torch.stack(
@@ -40,9 +40,51 @@ def from_cache(cache: DynamicCache, row: int, length: int) -> torch.Tensor:
     )  # (layers, 2, kv_heads, tokens, head_dim)
 
 
-def to_cache(kv: torch.Tensor) -> DynamicCache:
-    """Wrap an assembled (layers, 2, kv_heads, tokens, head_dim) tensor as a batch-1 HF cache."""
-    return DynamicCache(ddp_cache_data=[(layer[0][None], layer[1][None]) for layer in kv])
+class ReservedLayer(DynamicLayer):
+    """A cache layer over a buffer with room to spare: new tokens are written in place.
+
+    HF's DynamicLayer concatenates at every step, copying the whole cache per generated token; with
+    thousands of cached tokens that copy, not the model, dominated decoding.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, new = self.length, key_states.shape[-2]
+        if not self.is_initialized or n + new > self._keys.shape[-2]:
+            self._grow(key_states, value_states, max(self.capacity, 2 * (n + new)) if self.is_initialized else max(self.capacity, new))
+        self._keys[:, :, n : n + new] = key_states
+        self._values[:, :, n : n + new] = value_states
+        self.length = n + new
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
+        b, heads, _, dim = k.shape  # (batch, kv_heads, tokens, head_dim)
+        keys, values = k.new_empty(b, heads, capacity, dim), v.new_empty(b, heads, capacity, dim)
+        if self.is_initialized:
+            keys[:, :, : self.length] = self._keys[:, :, : self.length]
+            values[:, :, : self.length] = self._values[:, :, : self.length]
+        self._keys, self._values = keys, values
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+
+
+def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, room: int) -> Cache:
+    """A batch-1 cache holding `parts` side by side, each re-rotated to its offset, with `room` to spare.
+
+    parts: (layers, 2, kv_heads, tokens, head_dim) each, in sequence order.
+    """
+    total = sum(p.shape[3] for p in parts)
+    cache = Cache(layers=[ReservedLayer(total + room) for _ in range(layers)])
+    offset = 0
+    for kv in parts:
+        kv = rerotate(kv, offset, inv_freq)
+        for layer, (keys, values) in zip(cache.layers, kv):
+            layer.update(keys[None], values[None])
+        offset += kv.shape[3]
+    return cache
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

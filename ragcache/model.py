@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import Cache
 
 from . import kv as kvlib
 from . import prompts
@@ -185,7 +186,7 @@ class GritModel:
     # ---- forward passes ------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
-                cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+                cache: Cache | None = None) -> tuple[torch.Tensor, Cache]:
         """Run the decoder. ids/positions (b, q); allowed (b, q, past+q) or None for 'see everything'.
 
         Returns the last hidden states (b, q, hidden) and the cache, which now holds past+q tokens.

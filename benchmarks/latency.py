@@ -1,0 +1,194 @@
+"""The GRIT paper's Table 7, rerun: latency of every mode, with caches read from a real index on disk.
+
+Sample A: a 1-token question and an N-token document. Sample B: an N-token question and a 1-token
+document. Each row answers through `RagCache.ask` (the code path of `ragcache ask`) with 16 tokens
+forced (EOS ignored); the end-to-end time runs from the question to the last token, embedding,
+retrieval and cache loading included.
+
+    python benchmarks/latency.py --shape cpu-small --quick
+    python benchmarks/latency.py --shape gritlm-7b --device cuda --dtype bfloat16 --runs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+from ragcache import GritModel, RagCache
+
+HERE = Path(__file__).resolve().parent
+SHARED_TOKENIZER = HERE.parent.parent / "shared" / "tokenizers" / "mistral-7b-v0.1"
+SHAPES = {  # Mistral-family configurations; latency does not depend on weight values
+    "gritlm-7b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=14336, vocab_size=32000),
+    "cpu-small": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
+                      intermediate_size=2048, vocab_size=32000),
+}
+ROWS = [("none", {}), ("rag query-first", {"mode": "rag", "order": "query-first"}),
+        ("rag doc-first", {"mode": "rag", "order": "doc-first"}), ("query", {}), ("doc", {}),
+        ("query-doc", {}), ("doc-query", {})]
+WORDS = ("the river city capital north water report history science music light house early modern field "
+         "garden story people region market valley table number system energy school letter").split()
+
+
+def build_shape(name: str, tokenizer_dir: Path, out: Path) -> Path:
+    if not tokenizer_dir.is_dir():
+        sys.exit(f"error: --shape needs a tokenizer; no folder at '{tokenizer_dir}' (pass --tokenizer PATH)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = MistralConfig(**SHAPES[name], max_position_embeddings=32768, sliding_window=None,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def text_of(model: GritModel, n_tokens: int, seed: int) -> str:
+    """Plain words whose tokens number exactly n_tokens (as the text tokenises alone)."""
+    rng = random.Random(seed)
+    words = " ".join(rng.choice(WORDS) for _ in range(n_tokens + 8))
+    ids = model.tokenize(words)
+    text = model.tokenizer.decode(ids[:n_tokens])
+    while len(model.tokenize(text)) > n_tokens:
+        text = text.rsplit(" ", 1)[0]
+    return text
+
+
+def measure(rc: RagCache, question: str, kwargs: dict, runs: int, warmup: int, tokens: int) -> dict:
+    ttft, e2e = [], []
+    for i in range(warmup + runs):
+        answer = rc.ask(question, top_k=1, max_new_tokens=tokens, ignore_eos=True, **kwargs)
+        assert len(answer.token_ids) == tokens
+        if i >= warmup:
+            ttft.append(answer.timings_ms["ttft"])
+            e2e.append(answer.timings_ms["total"])
+    def stats(xs):
+        return {"median": statistics.median(xs), "mean": statistics.fmean(xs),
+                "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "min": min(xs), "runs": xs}
+    return {"ttft_ms": stats(ttft), "e2e_ms": stats(e2e)}
+
+
+def run_sample(model: GritModel, sample: str, n: int, rows, runs: int, warmup: int, tokens: int, workdir: Path) -> dict:
+    doc_len, q_len = (n, 1) if sample == "A" else (1, n)
+    doc, question = text_of(model, doc_len, seed=n), text_of(model, q_len, seed=n + 1)
+    corpus = workdir / f"{sample}{n}" / "doc.txt"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text(doc)
+    results = {}
+    with RagCache.open(workdir / f"{sample}{n}" / "index", model=model) as rc:
+        rc.index([corpus], chunk_tokens=max(doc_len + 16, 32))
+        assert rc.store.count() == 1
+        for label, kwargs in rows:
+            kwargs = kwargs or {"mode": label}
+            results[label] = measure(rc, question, kwargs, runs, warmup, tokens)
+            print(f"  sample {sample} N={n:>5} {label:<16} ttft {results[label]['ttft_ms']['median']:9.1f} ms   "
+                  f"16-token e2e {results[label]['e2e_ms']['median']:9.1f} ms", flush=True)
+    return results
+
+
+def targets(result: dict, n: int) -> list[tuple[str, float, float, bool]]:
+    """(name, measured, bound, pass) for the CPU targets of the benchmark issue, on sample A at n."""
+    a = result[f"A{n}"]
+    med = lambda row, key: a[row][key]["median"]
+    out = []
+    for mode in ("doc", "query-doc", "doc-query"):
+        speedup = med("rag doc-first", "ttft_ms") / med(mode, "ttft_ms")
+        out.append((f"{mode} TTFT speed-up over rag doc-first (N={n})", speedup, 30.0, speedup >= 30.0))
+        ratio = med(mode, "e2e_ms") / med("none", "e2e_ms")
+        out.append((f"{mode} 16-token e2e / none (N={n})", ratio, 1.25, ratio <= 1.25))
+    return out
+
+
+def markdown(results: dict, lengths: list[int], samples: list[str]) -> str:
+    lines = []
+    for sample in samples:
+        for key, title in (("ttft_ms", "time to first token"), ("e2e_ms", "16 tokens end to end")):
+            lines.append(f"\n**Sample {sample}, {title}, median ms**\n")
+            lines.append("| mode | " + " | ".join(f"N={n}" for n in lengths) + " |")
+            lines.append("| --- |" + " ---: |" * len(lengths))
+            for label, _ in ROWS:
+                if label in results[f"{sample}{lengths[0]}"]:
+                    cells = [f"{results[f'{sample}{n}'][label][key]['median']:.1f}" for n in lengths]
+                    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, lengths: list[int], samples: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(samples), figsize=(6 * len(samples), 4), squeeze=False)
+    for ax, sample in zip(axes[0], samples):
+        for label, _ in ROWS:
+            if label in results[f"{sample}{lengths[0]}"]:
+                ax.plot(lengths, [results[f"{sample}{n}"][label]["e2e_ms"]["median"] for n in lengths], marker="o", label=label)
+        ax.set(title=f"Sample {sample}: 16 tokens end to end", xlabel="N (tokens)", ylabel="median ms")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local model directory")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
+    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="tokenizer folder for --shape")
+    p.add_argument("--lengths", default="250,500,1000,2000,4000")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quick", action="store_true", help="sample A at N=2000, the target rows, 3 runs")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args()
+    lengths = [2000] if args.quick else [int(x) for x in args.lengths.split(",")]
+    samples = ["A"] if args.quick else ["A", "B"]
+    rows = [r for r in ROWS if r[0] in ("none", "rag doc-first", "doc", "query-doc", "doc-query")] if args.quick else ROWS
+    runs, warmup = (3, 1) if args.quick else (args.runs, args.warmup)
+    torch.set_grad_enabled(False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = args.model or build_shape(args.shape or "cpu-small", args.tokenizer, tmp / "model")
+        model = GritModel.load(str(model_dir), device=args.device, dtype=args.dtype)
+        print(f"{model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
+        results = {}
+        for sample in samples:
+            for n in lengths:
+                results[f"{sample}{n}"] = run_sample(model, sample, n, rows, runs, warmup, args.tokens, tmp)
+
+    checks = targets(results, 2000) if "A2000" in results and str(model.device) == "cpu" else []
+    for name, value, bound, ok in checks:
+        op = ">=" if "speed-up" in name else "<="
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.2f} (target {op} {bound})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    meta = {"model": model.name, "shape": args.shape, "device": str(model.device), "dtype": str(model.dtype),
+            "threads": torch.get_num_threads(), "date": stamp, "argv": sys.argv, "runs": runs, "warmup": warmup}
+    (args.out / f"latency-{stamp}.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                              "targets": checks}, indent=1))
+    table = markdown(results, lengths, samples)
+    (args.out / f"latency-{stamp}.md").write_text(f"{json.dumps(meta)}\n{table}\n")
+    plot(results, lengths, samples, args.out / f"latency-{stamp}.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
