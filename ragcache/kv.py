@@ -54,7 +54,8 @@ class ReservedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n, new = self.length, key_states.shape[-2]
         if not self.is_initialized or n + new > self._keys.shape[-2]:
-            self._grow(key_states, value_states, max(self.capacity, 2 * (n + new)) if self.is_initialized else max(self.capacity, new))
+            needed = 2 * (n + new) if self.is_initialized else new  # double when outgrown
+            self._grow(key_states, value_states, max(self.capacity, needed))
         self._keys[:, :, n : n + new] = key_states
         self._values[:, :, n : n + new] = value_states
         self.length = n + new
