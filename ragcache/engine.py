@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers.cache_utils import Cache
 
 from . import chunking, corpus, indexer, prompts
 from . import kv as kvlib
@@ -58,6 +60,9 @@ class RagCache:
             if meta and meta.get("format_version", 0) > storelib.FORMAT_VERSION:
                 raise RagcacheError(f"index '{path}' has format version {meta['format_version']}, newer than this "
                                     f"ragcache ({storelib.FORMAT_VERSION}); upgrade ragcache")
+            if meta and meta.get("format_version", 0) < storelib.FORMAT_VERSION:
+                raise RagcacheError(f"index '{path}' has format version {meta['format_version']}, older than this "
+                                    f"ragcache ({storelib.FORMAT_VERSION}); rebuild it with ragcache index")
             if model is None:
                 if not meta:
                     raise RagcacheError(f"index '{path}' is empty; name a model with --model to build it")
@@ -186,14 +191,11 @@ class RagCache:
                   f"the layout would exceed the model's context of {self.model.max_context} tokens")
 
         t = time.perf_counter()
-        segment_kv = []
-        for seg in layout:
-            if seg.cached:
-                segment_kv.append(query_kv if seg.kind == "query" else kvlib.deserialize(self.store.kv_blob(seg.chunk_id)))
+        cache, n_cached = self._load_cache(layout, query_kv, kv_attention, max_new_tokens)
         timings["kv_load"] = time.perf_counter() - t
 
-        token_ids, first_logits, gen_times = self._generate(layout, segment_kv, max_new_tokens, temperature, top_p,
-                                                            seed, on_token, ignore_eos)
+        token_ids, first_logits, gen_times = self._generate(layout, cache, n_cached, max_new_tokens, temperature,
+                                                            top_p, seed, on_token, ignore_eos)
         timings["prefill"], timings["decode"] = gen_times
         timings["total"] = time.perf_counter() - t_start
         timings["ttft"] = timings["total"] - timings["decode"]
@@ -216,20 +218,44 @@ class RagCache:
         tokens, _ = self._decode(cache, logits, ids.shape[1], max_new_tokens, 0.0, 1.0, None, None, ignore_eos)
         return tokens, logits
 
-    def _generate(self, layout: list[Segment], segment_kv: list[torch.Tensor], max_new_tokens: int,
-                  temperature: float, top_p: float, seed: int | None, on_token, ignore_eos: bool):
-        """Assemble the cached prefix (keys re-rotated to their offsets), prefill the rest, decode."""
-        model, t0 = self.model, time.perf_counter()
-        parts = []
-        for seg in layout:
-            if not seg.cached:
-                break
-            parts.append(segment_kv[len(parts)].to(model.device, model.dtype))  # (layers, 2, kv_heads, tokens, head_dim)
-        if any(s.cached for s in layout[len(parts):]):
+    def _load_cache(self, layout: list[Segment], query_kv: torch.Tensor | None, kv_attention: str,
+                    max_new_tokens: int) -> tuple[Cache, int]:
+        """The cache of the layout's cached prefix, with room for the rest and the answer.
+
+        Stored blobs are read in place from LMDB's memory map, checked, and copied once, re-rotated to
+        their offsets, into the cache.
+        """
+        model = self.model
+        prefix = list(itertools.takewhile(lambda s: s.cached, layout))
+        if any(s.cached for s in layout[len(prefix):]):
             raise RagcacheError("cached segments must come before computed ones")
-        n_cached = sum(len(s.token_ids) for s in layout[: len(parts)])
-        rest = [t for s in layout[len(parts):] for t in s.token_ids]
-        cache = kvlib.assemble(parts, model.inv_freq, model.hf.config.num_hidden_layers, len(rest) + max_new_tokens)
+        room = sum(len(s.token_ids) for s in layout[len(prefix):]) + max_new_tokens
+        doc_ids = [s.chunk_id for s in prefix if s.kind == "doc"]
+        with self.store.kv_views(doc_ids) as views:
+            blobs = dict(zip(doc_ids, views))
+            parts = [(query_kv if seg.kind == "query" else self._stored_kv(seg, blobs[seg.chunk_id], kv_attention))
+                     .to(model.device, model.dtype) for seg in prefix]  # (layers, 2, kv_heads, tokens, head_dim)
+            cache = kvlib.assemble(parts, model.inv_freq, model.hf.config.num_hidden_layers, room)
+        return cache, sum(len(s.token_ids) for s in prefix)
+
+    def _stored_kv(self, seg: Segment, blob: memoryview, kv_attention: str) -> torch.Tensor:
+        """A chunk's stored KV; a damaged blob is recomputed from the chunk's text, never used."""
+        try:
+            return kvlib.deserialize(blob)
+        except kvlib.CorruptKV as e:
+            _warn(f"the stored cache of chunk {seg.chunk_id} is damaged ({e}); recomputed it from its text "
+                  "(ragcache verify --repair mends the index)")
+        record = self.store.chunk(seg.chunk_id)
+        enc = self.model.encode([prompts.passage(record["title"], record["text"])], kv=kv_attention)[0]
+        if enc.token_ids != seg.token_ids:
+            raise RagcacheError(f"chunk {seg.chunk_id} no longer tokenises as it was indexed; rebuild the index")
+        return enc.kv
+
+    def _generate(self, layout: list[Segment], cache: Cache, n_cached: int, max_new_tokens: int,
+                  temperature: float, top_p: float, seed: int | None, on_token, ignore_eos: bool):
+        """Prefill the layout's computed tokens after the cached prefix, then decode."""
+        model, t0 = self.model, time.perf_counter()
+        rest = [t for s in layout if not s.cached for t in s.token_ids]
         ids = torch.tensor(rest, device=model.device)[None]
         positions = torch.arange(n_cached, n_cached + len(rest), device=model.device)[None]
         hidden, cache = model.forward(ids, positions, causal_allowed(len(rest), n_cached, model.device), cache)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import kv as kvlib
 from . import prompts
@@ -63,9 +65,30 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """HF's sdpa attention, except that on the CPU grouped-query heads are never copied.
+
+    HF repeats the KV heads whenever a mask is given, which copies the whole cache in every layer at
+    every step; the CPU kernel reads grouped heads in place, masked or not.
+    """
+    if query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    is_causal = module.is_causal if is_causal is None else is_causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True,
+        is_causal=bool(is_causal and attention_mask is None and query.shape[2] > 1))
+    return out.transpose(1, 2).contiguous(), None  # (b, q, heads, head_dim)
+
+
+ATTENTION = "ragcache_sdpa"
+AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
 def _from_pretrained(source: str, torch_dtype: torch.dtype, local_only: bool):
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa",
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=ATTENTION,
                                               local_files_only=local_only)
     return tokenizer, hf
 

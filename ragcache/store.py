@@ -9,7 +9,7 @@ Named databases:
   files   source path       -> JSON: {"hash": sha256 of the file's bytes, "chunks": [ids]}
   chunks  id (u64 BE)       -> JSON: doc_id, title, text, source, start, end, token_ids (the cached segment)
   emb     id (u64 BE)       -> float32 bytes of the pooled, L2-normalised embedding
-  kv      id (u64 BE)       -> a KV blob (see kv.py): header + zstd bytes
+  kv      id (u64 BE)       -> a KV blob (see kv.py): header + raw or zstd bytes
 
 A file's chunks, embeddings, KV blobs and its `files` record are written in one transaction, so a
 file is in the index whole or not at all.
@@ -17,18 +17,20 @@ file is in the index whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import struct
 from pathlib import Path
+from typing import Iterator
 
 import lmdb
 import numpy as np
 
 from .errors import RagcacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: KV blobs carry a codec and an xxh3 checksum
 _ID = struct.Struct(">Q")
 _MAP_SIZE = 1 << 36  # 64 GiB of address space to start; LMDB files stay sparse, and it doubles when full
 
@@ -91,6 +93,16 @@ class Store:
             if raw is None:
                 raise RagcacheError(f"the KV cache of chunk {cid} is missing from the index")
             return bytes(raw)
+
+    @contextlib.contextmanager
+    def kv_views(self, cids: list[int]) -> Iterator[list[memoryview]]:
+        """Zero-copy views of the KV blobs of `cids` in LMDB's memory map, valid only inside the block."""
+        with self.env.begin(db=self.db["kv"], buffers=True) as txn:
+            views = [txn.get(key(cid)) for cid in cids]
+            missing = [cid for cid, v in zip(cids, views) if v is None]
+            if missing:
+                raise RagcacheError(f"the KV cache of chunk {missing[0]} is missing from the index")
+            yield views
 
     def count(self) -> int:
         with self.env.begin() as txn:

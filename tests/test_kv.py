@@ -7,24 +7,49 @@ from ragcache import kv
 from ragcache.model import causal_allowed, padded_allowed
 
 
+def _compressible(shape, dtype):
+    """Few distinct values: byte planes compress far past MIN_RATIO."""
+    return torch.randint(0, 4, shape).to(dtype) / 4
+
+
+def _codec(blob: bytes) -> int:
+    return kv.header(blob)["codec"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_serialize_round_trip_is_bit_exact(dtype):
-    t = torch.randn(3, 2, 2, 17, 8).to(dtype)
+@pytest.mark.parametrize("make", [lambda s, d: torch.randn(s).to(d), _compressible], ids=["random", "compressible"])
+def test_serialize_round_trip_is_bit_exact(dtype, make):
+    t = make((3, 2, 2, 17, 8), dtype)
     back = kv.deserialize(kv.serialize(t))
     assert back.dtype == dtype and back.shape == t.shape
     assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_codec_is_chosen_by_what_compression_saves():
+    assert _codec(kv.serialize(torch.randn(2, 2, 2, 64, 8))) == kv.RAW  # float noise: zstd saves little
+    assert _codec(kv.serialize(_compressible((2, 2, 2, 64, 8), torch.float32))) == kv.ZSTD_PLANES
+
+
+def test_raw_blob_is_read_in_place():
+    blob = bytearray(kv.serialize(torch.randn(2, 2, 2, 9, 8)))
+    t = kv.deserialize(memoryview(blob))
+    blob[-4:] = bytes(4)  # the tensor is a view of the blob's memory, not a copy
+    assert t.reshape(-1)[-1].item() == 0.0
 
 
 @settings(max_examples=25, deadline=None)
 @given(layers=st.integers(1, 3), heads=st.integers(1, 3), tokens=st.integers(1, 40), half=st.integers(1, 8),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_serialize_round_trip_any_shape(layers, heads, tokens, half, dtype):
-    t = torch.randn(layers, 2, heads, tokens, 2 * half).to(dtype)
+    shape = (layers, 2, heads, tokens, 2 * half)
+    t = torch.randn(shape).to(dtype) if tokens % 2 else _compressible(shape, dtype)  # both codecs
     assert torch.equal(kv.deserialize(kv.serialize(t)).view(torch.uint8), t.view(torch.uint8))
 
 
-def test_damaged_blobs_are_detected():
-    blob = bytearray(kv.serialize(torch.randn(2, 2, 2, 9, 8)))
+@pytest.mark.parametrize("make", [lambda s: torch.randn(s), lambda s: _compressible(s, torch.float32)],
+                         ids=["raw", "zstd"])
+def test_damaged_blobs_are_detected(make):
+    blob = bytearray(kv.serialize(make((2, 2, 2, 64, 8))))
     flipped = bytearray(blob)
     flipped[-5] ^= 0x10
     with pytest.raises(kv.CorruptKV):
