@@ -1,0 +1,141 @@
+"""What the stored KV costs on disk and to load: bytes per token, compression, throughput, projection.
+
+For each dtype: the KV of real text is serialised both ways the store knows (raw, and zstd over
+byte planes), timed, and a small corpus is indexed to weigh LMDB's own overhead. Compression ratios
+depend on the weights: random weights (`--shape`) give a floor, a trained model (`--model`, e.g.
+../shared/models/stories260K) a realistic figure.
+
+    python benchmarks/storage.py --shape cpu-small
+    python benchmarks/storage.py --model ../shared/models/stories260K --dtypes float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import xxhash
+import zstandard
+
+from latency import SHAPES, SHARED_TOKENIZER, build_shape, text_of
+from ragcache import GritModel, RagCache
+from ragcache import kv as kvlib
+
+SQUAD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "squad-v2-sample" / "dev-first5articles.json"
+GRITLM_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # layers x (k, v) x kv_heads x head_dim x bf16 = 128 KiB
+BEIR_NQ_PASSAGES = 2_681_468
+
+
+def timed(fn, runs: int = 5) -> float:
+    """Median seconds of fn() after one warm-up."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def codecs(kv: torch.Tensor) -> dict:
+    """Size and speed of each codec on one segment's KV."""
+    raw = kv.contiguous().view(torch.uint8).numpy()
+    planes = kvlib._planes(raw, kv.element_size())
+    tokens, mb = kv.shape[3], raw.nbytes / 1e6
+    out = {"tokens": tokens, "raw_bytes_per_token": raw.nbytes / tokens}
+    for level in (1, 3):
+        packed = zstandard.ZstdCompressor(level=level).compress(planes)
+        c = timed(lambda: kvlib._planes(raw, kv.element_size()) and zstandard.ZstdCompressor(level=level).compress(planes))
+        d = timed(lambda: kvlib._unplanes(zstandard.ZstdDecompressor().decompress(packed), kv.element_size()))
+        out[f"zstd{level}"] = {"ratio": raw.nbytes / len(packed), "compress_MBps": mb / c, "decompress_MBps": mb / d}
+    plain = zstandard.ZstdCompressor(level=1).compress(raw.tobytes())
+    out["zstd1_interleaved_ratio"] = raw.nbytes / len(plain)
+    blob = kvlib.serialize(kv)
+    view = memoryview(blob)
+    out["stored_codec"] = "zstd" if kvlib.header(blob)["codec"] == kvlib.ZSTD_PLANES else "raw"
+    out["stored_bytes_per_token"] = len(blob) / tokens
+    out["load_MBps"] = mb / timed(lambda: kvlib.deserialize(view).clone())  # checksum + one copy out
+    out["xxh3_MBps"] = mb / timed(lambda: xxhash.xxh3_64_intdigest(raw))
+    return out
+
+
+def lmdb_overhead(model: GritModel, texts: list[str], workdir: Path) -> dict:
+    """Index `texts` and compare the LMDB file with the sum of its KV blobs."""
+    workdir.mkdir(parents=True)
+    corpus = workdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+    with RagCache.open(workdir / "index", model=model) as rc:
+        stats = rc.index([corpus], show_progress=False)
+        with rc.store.env.begin(db=rc.store.db["kv"]) as txn:
+            blobs = sum(len(v) for _, v in txn.cursor())
+        rc.store.env.sync(True)
+    disk = (workdir / "index" / "data.mdb").stat().st_blocks * 512  # allocated, not the sparse size
+    return {"chunks": stats.chunks, "tokens": stats.tokens, "kv_blob_bytes": blobs, "data_mdb_bytes": disk,
+            "disk_bytes_per_token": disk / stats.tokens, "overhead": disk / blobs - 1}
+
+
+def squad_tokens_per_100_words(model: GritModel) -> float | None:
+    """Tokens in a 100-word Wikipedia passage (DPR's unit, BEIR-NQ's corpus), from the SQuAD sample."""
+    if not SQUAD.is_file():
+        return None
+    paras = [p["context"] for a in json.loads(SQUAD.read_text())["data"] for p in a["paragraphs"]]
+    words = sum(len(p.split()) for p in paras)
+    return 100 * sum(len(model.tokenize(p)) for p in paras) / words
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local model directory")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
+    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--tokens", type=int, default=1000, help="tokens in the measured segment")
+    p.add_argument("--passages", type=int, default=BEIR_NQ_PASSAGES, help="corpus size to project")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = args.model or build_shape(args.shape or "cpu-small", args.tokenizer, tmp / "model")
+        for dtype in args.dtypes.split(","):
+            model = GritModel.load(str(model_dir), device="cpu", dtype=dtype)
+            n = min(args.tokens, model.max_context - 16)
+            kv = model.encode([text_of(model, n, seed=1)], kv="bidirectional")[0].kv
+            texts = [text_of(model, 200, seed=s) for s in range(16)]
+            report[dtype] = {"codecs": codecs(kv), "lmdb": lmdb_overhead(model, texts, tmp / dtype)}
+        per_100 = squad_tokens_per_100_words(model)
+
+    print(f"model: {args.model or args.shape or 'cpu-small'}")
+    for dtype, r in report.items():
+        c, l = r["codecs"], r["lmdb"]
+        print(f"\n{dtype}: raw {c['raw_bytes_per_token']:,.0f} B/token; stored as {c['stored_codec']}, "
+              f"{c['stored_bytes_per_token']:,.0f} B/token; on disk with LMDB {l['disk_bytes_per_token']:,.0f} B/token "
+              f"(LMDB overhead {100 * l['overhead']:+.1f}% over the blobs)")
+        for level in (1, 3):
+            z = c[f"zstd{level}"]
+            print(f"  zstd {level} over byte planes: {z['ratio']:.2f}x, compress {z['compress_MBps']:,.0f} MB/s, "
+                  f"decompress {z['decompress_MBps']:,.0f} MB/s")
+        print(f"  zstd 1 on interleaved bytes: {c['zstd1_interleaved_ratio']:.2f}x")
+        print(f"  load as stored (checksum + one copy): {c['load_MBps']:,.0f} MB/s; xxh3 alone {c['xxh3_MBps']:,.0f} MB/s")
+    if per_100:
+        tokens = math.ceil(per_100) + 8  # + the embedding prompt (<s><|embed|>\n) and a short title
+        ratio = max(report.get("bfloat16", next(iter(report.values())))["codecs"]["zstd1"]["ratio"], 1.0)
+        raw = args.passages * tokens * GRITLM_BYTES_PER_TOKEN
+        print(f"\nprojection: {args.passages:,} passages x {tokens} tokens (100 words = {per_100:.0f} tokens on "
+              f"the SQuAD sample) x 128 KiB (GritLM-7B, bf16) = {raw / 1e12:,.1f} TB raw; "
+              f"{raw / ratio / 1e12:,.1f} TB at the {ratio:.2f}x measured above")
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "storage.json").write_text(json.dumps({"argv": sys.argv, "report": report, "tokens_per_100_words": per_100}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
