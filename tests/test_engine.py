@@ -181,3 +181,12 @@ def test_recompute_matches_hand_built_layout(rc, model):
     layout = [Segment("prompt", model.tokenize("<s>Once upon a time"), False, "causal")]
     tokens, _ = rc.recompute(layout, max_new_tokens=4, ignore_eos=True)
     assert len(tokens) == 4
+
+
+def test_on_token_returning_true_stops_generation(rc):
+    pieces = []
+    answer = rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=8, ignore_eos=True,
+                    on_token=lambda text: pieces.append(text) or len(pieces) == 3)
+    assert len(pieces) == 3 and len(answer.token_ids) == 3
+    printed = rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=5, ignore_eos=True, on_token=lambda text: (text,))
+    assert len(printed.token_ids) == 5  # only a literal True stops: a print-like callback's value does not
