@@ -255,10 +255,11 @@ class RagCache:
             tokens.append(token)
             if on_token is not None:
                 text = model.decode(tokens)
-                stop = on_token(text[len(shown):])
-                shown = text
-                if stop is True:  # only a literal True: print-like callbacks return other things
-                    break
+                if not text.endswith("\ufffd"):  # else a character is split across tokens: wait for its rest
+                    stop = on_token(text[len(shown):])
+                    shown = text
+                    if stop is True:  # only a literal True: print-like callbacks return other things
+                        break
             if len(tokens) >= max_new_tokens:
                 break
             ids = torch.tensor([[token]], device=model.device)
