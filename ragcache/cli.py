@@ -1,4 +1,4 @@
-"""The `ragcache` command: index, ask, info. Errors the user can fix end as one line and exit 1."""
+"""The `ragcache` command: index, ask, serve, info. Errors the user can fix end as one line and exit 1."""
 
 from __future__ import annotations
 
@@ -135,6 +135,38 @@ def ask(
             typer.echo("\nLayout:\n" + prompts.explain(answer.layout, decode))
             t = answer.timings_ms
             typer.echo("Timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+
+
+@app.command()
+@_errors
+def serve(
+    index: Optional[str] = IndexOpt,
+    model: Optional[str] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on"),
+    port: int = typer.Option(8000, "--port", help="Port to listen on"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RAGCACHE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every request but /health"),
+    max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", help="Most tokens one completion "
+                                                   "may generate; also the default (1024)"),
+    max_input_count: Optional[int] = typer.Option(None, "--max-input-count", help="Most embedding inputs, or "
+                                                  "chat messages, per request (default 256)"),
+    max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="Largest request body in bytes "
+                                                 "(default 1048576)"),
+    max_top_k: Optional[int] = typer.Option(None, "--max-top-k", help="Most documents one RAG request may "
+                                            "retrieve (default 32)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Serve the index over an OpenAI-compatible HTTP API, one request on the model at a time."""
+    from .server import Limits, create_app
+    given = {"max_tokens": max_tokens_limit, "max_input_count": max_input_count, "max_body_bytes": max_body_bytes,
+             "max_top_k": max_top_k}
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})  # before the model loads
+    rc = _open(index, model, device, dtype, create=False)
+    with rc:
+        import uvicorn
+        typer.echo(f"serving {rc.store.path} with {rc.model.name} on http://{host}:{port}/v1", err=True)
+        uvicorn.run(create_app(rc, api_key=api_key or None, limits=limits), host=host, port=port)
 
 
 @app.command()

@@ -148,9 +148,12 @@ class RagCache:
     # ---- asking --------------------------------------------------------------------------------
     def ask(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-            templates: Templates | None = None, on_token: Callable[[str], None] | None = None,
+            templates: Templates | None = None, on_token: Callable[[str], bool | None] | None = None,
             ignore_eos: bool = False) -> Answer:
-        """Answer `question` in `mode`; `order` applies to mode='rag'."""
+        """Answer `question` in `mode`; `order` applies to mode='rag'.
+
+        `on_token` gets each new piece of text; returning True stops generation there.
+        """
         _validate(question, mode, order, top_k, max_new_tokens)
         meta = self.meta
         if meta is None or self.store.count() == 0:
@@ -278,8 +281,11 @@ class RagCache:
             tokens.append(token)
             if on_token is not None:
                 text = model.decode(tokens)
-                on_token(text[len(shown):])
-                shown = text
+                if not text.endswith("\ufffd"):  # else a character is split across tokens: wait for its rest
+                    stop = on_token(text[len(shown):])
+                    shown = text
+                    if stop is True:  # only a literal True: print-like callbacks return other things
+                        break
             if len(tokens) >= max_new_tokens:
                 break
             ids = torch.tensor([[token]], device=model.device)

@@ -2,6 +2,7 @@
 
 Embedding:  <s><|user|>\\n{instruction}\\n<|embed|>\\n{text}   (no instruction: <s><|embed|>\\n{text})
 Generation: <s><|user|>\\n{prompt}\\n<|assistant|>\\n
+Chat:       <s><|system|>\\n{system}\\n<|user|>\\n{prompt}\\n<|assistant|>\\n{reply}</s>\\n<|user|>\\n...<|assistant|>\\n
 
 A layout is the sequence of segments a question is answered from. A cached segment is the embedding
 prompt of a document or of the question, `<s><|embed|>\\n{text}`, whose KV was computed alone from
@@ -37,6 +38,19 @@ def passage(title: str, text: str) -> str:
     return f"{title} {text}" if title else text
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_prompt(turns: list[tuple[str, str]], eos: str) -> str:
+    """A conversation in GritLM's chat format (Tulu 2's), ending where the assistant's reply begins.
+
+    turns: (role, text) with roles among CHAT_ROLES. The leading <s> is left out: the engine adds it.
+    One user turn gives exactly the generation format.
+    """
+    parts = [f"<|{role}|>\n{text}{eos if role == 'assistant' else ''}\n" for role, text in turns]
+    return "".join(parts) + "<|assistant|>\n"
+
+
 @dataclass
 class Templates:
     """The text around cached segments; `{query}` and `{docs}` are filled in, `answer_prefix` follows."""
@@ -48,6 +62,11 @@ class Templates:
     query_doc: str = "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n"
     answer_prefix: str = "The answer is"
     doc_separator: str = "\n\n"
+
+    @classmethod
+    def chat(cls) -> "Templates":
+        """Plain chat through mode 'none': the query is a whole chat_prompt, with no answer prefix."""
+        return cls(none="{query}", answer_prefix="")
 
     @classmethod
     def load(cls, path: str | Path | None) -> "Templates":

@@ -2,8 +2,12 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 from typer.testing import CliRunner
@@ -107,3 +111,47 @@ def test_console_script_from_a_fresh_shell(index):
     proc = subprocess.run([sys.executable, "-m", "ragcache.cli", "ask", "q", "--mode", "x"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1 and proc.stderr.strip() == "error: unknown mode 'x': use one of none, rag, query, doc, query-doc, doc-query"
+
+
+def test_serve_bad_input(index, tmp_path):
+    result = run("serve", "-i", tmp_path / "nothing")
+    assert result.exit_code == 1 and "no index at" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = run("serve", "-i", index, "--max-tokens-limit", "0")
+    assert result.exit_code == 1 and "limit must be at least 1" in result.output
+
+
+def test_serve_from_a_fresh_shell(index):
+    """`ragcache serve` listens, takes its key from RAGCACHE_API_KEY, and stops on a signal."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RAGCACHE_API_KEY="from-env")
+    proc = subprocess.Popen([sys.executable, "-m", "ragcache.cli", "serve", "-i", str(index), "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path, key=None):
+        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                assert get("/health")[0] == 200
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert get("/v1/models")[0] == 401
+        status, models = get("/v1/models", key="from-env")
+        assert status == 200 and models["data"][0]["max_model_len"] == 4096
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -181,3 +181,22 @@ def test_recompute_matches_hand_built_layout(rc, model):
     layout = [Segment("prompt", model.tokenize("<s>Once upon a time"), False, "causal")]
     tokens, _ = rc.recompute(layout, max_new_tokens=4, ignore_eos=True)
     assert len(tokens) == 4
+
+
+def test_on_token_returning_true_stops_generation(rc):
+    pieces = []
+    answer = rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=8, ignore_eos=True,
+                    on_token=lambda text: pieces.append(text) or len(pieces) == 3)
+    assert len(pieces) == 3 and len(answer.token_ids) == 3
+    printed = rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=5, ignore_eos=True, on_token=lambda text: (text,))
+    assert len(printed.token_ids) == 5  # only a literal True stops: a print-like callback's value does not
+
+
+def test_streamed_pieces_never_split_a_character(rc, monkeypatch):
+    """A character made of several byte tokens is passed on whole, not as replacement characters."""
+    script = iter(rc.model.tokenize("a 🦀 b"))
+    monkeypatch.setattr("ragcache.engine._sample", lambda *args: next(script))
+    pieces = []
+    answer = rc.ask(QUESTION, mode="none", max_new_tokens=len(rc.model.tokenize("a 🦀 b")), ignore_eos=True,
+                    on_token=pieces.append)
+    assert answer.answer == "a 🦀 b" and "".join(pieces) == "a 🦀 b"
