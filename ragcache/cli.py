@@ -16,9 +16,9 @@ from .errors import RagcacheError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieval-augmented generation on one GRIT model, reusing the KV caches of its embedding pass.")
 
-ModelOpt = typer.Option(None, "-m", "--model", help="Hub id or local model directory [env RAGCACHE_MODEL; "
-                        "default: the index's own model, else GritLM/GritLM-7B]")
-IndexOpt = typer.Option(None, "-i", "--index", help="Index folder, or a name under the home [env RAGCACHE_INDEX]")
+ModelOpt = typer.Option(None, "-m", "--model", help="Hub id or local model directory (env RAGCACHE_MODEL; "
+                        "default: the index's own model, else GritLM/GritLM-7B)")
+IndexOpt = typer.Option(None, "-i", "--index", help="Index folder, or a name under the home (env RAGCACHE_INDEX)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: the index's, else "
                         "bfloat16 on cuda and float32 on cpu)")
@@ -65,7 +65,7 @@ def index(
     corpus: list[Path] = typer.Argument(..., help="Files and folders (.txt, .md, .jsonl, .json)"),
     index: Optional[str] = IndexOpt,
     model: Optional[str] = ModelOpt,
-    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Maximum tokens per chunk [default 256]"),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Maximum tokens per chunk (default 256)"),
     kv_attention: Optional[str] = typer.Option(None, "--kv-attention", help="bidirectional (one pass, as in the "
                                                "paper; default) or causal (a second pass for exact caches)"),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Remove indexed files that vanished from under CORPUS"),
