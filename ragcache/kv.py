@@ -45,11 +45,13 @@ class CorruptKV(RagcacheError):
 
 
 def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
-    """Cut one sequence's first `length` tokens out of a batched HF cache."""
-    # each layer: keys/values (batch, kv_heads, tokens, head_dim)
-    return torch.stack(
-        [torch.stack((layer.keys[row, :, :length], layer.values[row, :, :length])) for layer in cache.layers]
-    )  # (layers, 2, kv_heads, tokens, head_dim)
+    """Cut one sequence's first `length` tokens out of a batched HF cache, in one copy, onto the CPU."""
+    first = cache.layers[0].keys  # each layer: keys/values (batch, kv_heads, tokens, head_dim)
+    out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype)
+    for i, layer in enumerate(cache.layers):
+        out[i, 0].copy_(layer.keys[row, :, :length])
+        out[i, 1].copy_(layer.values[row, :, :length])
+    return out  # (layers, 2, kv_heads, tokens, head_dim)
 
 
 class ReservedLayer(DynamicLayer):

@@ -251,7 +251,7 @@ class GritModel:
                 start, n = toks[i][1], lengths[r]
                 pooled = hidden[r, start:n].float().mean(0) if n > start else torch.zeros(hidden.shape[-1])
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
-                seq_kv = kvlib.from_cache(cache, r, n).cpu() if kv else None
+                seq_kv = kvlib.from_cache(cache, r, n) if kv else None
                 results[i] = Encoded(toks[i][0], pooled.cpu().numpy().astype(np.float32), seq_kv)
             if progress is not None:
                 progress(len(rows))
