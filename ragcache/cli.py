@@ -195,7 +195,9 @@ def eval_retrieval(
     """nDCG@10, MAP@10, MRR@10 and recall@1/5/10/100 of the index's retrieval (BEIR's definitions)."""
     from . import evaluate
     from .progress import bar
+    from .store import check
     query_texts, judgements = evaluate.load_queries(queries), evaluate.load_qrels(qrels)
+    check(config.resolve_index(index), must_exist=True)  # before the output file is made
     with evaluate.open_out(out) as f, _open(index, model, device, dtype, create=False) as rc:
         if rc.store.count() == 0:
             raise RagcacheError(f"the index '{rc.store.path}' holds no documents; run ragcache index first")
@@ -226,6 +228,7 @@ def eval_qa(
     from . import evaluate
     from .progress import bar
     from .prompts import Templates
+    from .store import check
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     bad = [m for m in chosen if m not in prompts.MODES]
     if bad or not chosen:
@@ -235,6 +238,7 @@ def eval_qa(
         raise RagcacheError(f"--limit must be at least 1 (got {limit})")
     items = evaluate.load_questions(questions)[:limit]
     tmpl = Templates.load(templates)
+    check(config.resolve_index(index), must_exist=True)  # before the output file is made
     with evaluate.open_out(out) as f, _open(index, model, device, dtype, create=False) as rc:
         with bar(not as_json and sys.stderr.isatty(), "answers", len(items) * len(chosen)) as advance:
             summary = evaluate.qa(rc, items, chosen, f, top_k=top_k, max_new_tokens=max_new_tokens, order=order,

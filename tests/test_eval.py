@@ -196,16 +196,23 @@ def test_cli_eval_qa(tmp_path, model_dir, corpus_dir):
     (["eval", "retrieval", "--queries", "{queries}", "--qrels", "{qrels}", "--out", "{missing}/x.jsonl"], "cannot write"),
     (["eval", "retrieval", "--queries", "{bad}", "--qrels", "{qrels}"], "needs '_id' and 'text'"),
 ])
-def test_bad_eval_input_is_one_line(tmp_path, args, message):
+def test_bad_eval_input_is_one_line(tmp_path, two_model, args, message):
     files = {"q": tmp_path / "q.jsonl", "bad": tmp_path / "bad.jsonl", "qrels": tmp_path / "qrels.tsv",
              "queries": tmp_path / "queries.jsonl", "missing": tmp_path / "missing"}
     files["q"].write_text('{"question": "q?", "answer": ["a"]}\n')
     files["queries"].write_text('{"_id": "q1", "text": "q?"}\n')
     files["bad"].write_text('{"nothing": 1}\n')
     files["qrels"].write_text("q1\td1\t1\n")
-    result = run(*[a.format(**files) for a in args], "-i", tmp_path / "no-index")
+    result = run(*[a.format(**files) for a in args], "-i", two_model)
     assert result.exit_code == 1
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_needs_an_index(tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"question": "q?", "answer": ["a"]}\n')
+    result = run("eval", "qa", "--questions", tmp_path / "q.jsonl", "-i", tmp_path / "none", "--out", tmp_path / "o.jsonl")
+    assert result.exit_code == 1 and "no index at" in result.output
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 @pytest.mark.skipif(not SCIFACT.is_dir(), reason="../shared/data/scifact is absent")
