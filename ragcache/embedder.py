@@ -18,7 +18,6 @@ from transformers import AutoModel, AutoTokenizer
 
 from .errors import RagcacheError
 from .model import resolve_device, weights_fingerprint
-from .progress import bar
 
 POOLINGS = ("cls", "max", "mean", "mean_sqrt_len")  # concatenated in this order, as sentence-transformers does
 _MODULES = ("Transformer", "Pooling", "Normalize")
@@ -69,20 +68,18 @@ class Embedder:
         return {"name": self.name, "fingerprint": self.fingerprint(), "dim": self.dim, "max_tokens": self.max_tokens}
 
     @torch.inference_mode()
-    def embed(self, texts: list[str], batch_size: int = 32, show_progress_bar: bool = False) -> np.ndarray:
+    def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """L2-normalised embeddings, (n, dim) float32; each text cut to max_tokens tokens."""
         texts = [t.strip().lower() if self.lowercase else t.strip() for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths pad little
         out = np.zeros((len(texts), self.dim), np.float32)
-        with bar(show_progress_bar, "embedding", total=len(texts)) as advance:
-            for b in range(0, len(order), batch_size):
-                rows = order[b : b + batch_size]
-                batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation="longest_first",
-                                       max_length=self.max_tokens, return_tensors="pt").to(self.device)
-                hidden = self.hf(**batch).last_hidden_state.float()
-                pooled = _pool(hidden, batch["attention_mask"], self.pooling)
-                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-                advance(len(rows))
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            batch = self.tokenizer([texts[i] for i in rows], padding=True, truncation="longest_first",
+                                   max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            hidden = self.hf(**batch).last_hidden_state.float()
+            pooled = _pool(hidden, batch["attention_mask"], self.pooling)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
 
 
