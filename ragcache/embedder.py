@@ -38,6 +38,8 @@ class Embedder:
         if not root.is_dir():
             raise RagcacheError(f"no embedder directory at '{path}'")
         modules = _read_json(root / "modules.json", f"'{path}' is not a sentence-transformers folder")
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise RagcacheError(f"'{root / 'modules.json'}' is not a list of modules")
         kinds = {m.get("type", "").rsplit(".", 1)[-1]: root / m.get("path", "") for m in modules}
         unknown = set(kinds) - set(_MODULES)
         if unknown or "Transformer" not in kinds or "Pooling" not in kinds:
