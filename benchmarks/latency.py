@@ -3,7 +3,9 @@
 Sample A: a 1-token question and an N-token document. Sample B: an N-token question and a 1-token
 document. Each row answers through `RagCache.ask` (the code path of `ragcache ask`) with 16 tokens
 forced (EOS ignored); the end-to-end time runs from the question to the last token, embedding,
-retrieval and cache loading included.
+retrieval and cache loading included. The `two-model rag` row is the traditional pipeline: a separate
+sentence-transformers encoder (`--embedder`, else random weights of all-MiniLM-L6-v2's shape) embeds the
+question for an index built with it, and the generator reads the document afresh (rag, doc first).
 
     python benchmarks/latency.py --shape cpu-small --quick
     python benchmarks/latency.py --shape gritlm-7b --device cuda --dtype bfloat16 --runs 20
@@ -23,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+from transformers import AutoTokenizer, BertConfig, BertModel, MistralConfig, MistralForCausalLM
 
 from ragcache import GritModel, RagCache
+from ragcache.embedder import Embedder
 
 HERE = Path(__file__).resolve().parent
 SHARED_TOKENIZER = HERE.parent.parent / "shared" / "tokenizers" / "mistral-7b-v0.1"
@@ -35,9 +38,12 @@ SHAPES = {  # Mistral-family configurations; latency does not depend on weight v
     "cpu-small": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
                       intermediate_size=2048, vocab_size=32000),
 }
+TWO_MODEL = "two-model rag"  # answered from an index that a separate embedder built
 ROWS = [("none", {}), ("rag query-first", {"mode": "rag", "order": "query-first"}),
         ("rag doc-first", {"mode": "rag", "order": "doc-first"}), ("query", {}), ("doc", {}),
-        ("query-doc", {}), ("doc-query", {})]
+        ("query-doc", {}), ("doc-query", {}), (TWO_MODEL, {"mode": "rag", "order": "doc-first"})]
+MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                    max_position_embeddings=512)
 WORDS = ("the river city capital north water report history science music light house early modern field "
          "garden story people region market valley table number system energy school letter").split()
 
@@ -51,6 +57,24 @@ def build_shape(name: str, tokenizer_dir: Path, out: Path) -> Path:
     torch.manual_seed(0)
     MistralForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def build_embedder(tokenizer_dir: Path, out: Path) -> Path:
+    """A sentence-transformers folder with random weights of all-MiniLM-L6-v2's shape (mean pooling, 256 tokens)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), **MINILM_SHAPE)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256, "do_lower_case": False}))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384,
+                                                               "pooling_mode_mean_tokens": True}))
     return out
 
 
@@ -79,21 +103,27 @@ def measure(rc: RagCache, question: str, kwargs: dict, runs: int, warmup: int, t
     return {"ttft_ms": stats(ttft), "e2e_ms": stats(e2e)}
 
 
-def run_sample(model: GritModel, sample: str, n: int, rows, runs: int, warmup: int, tokens: int, workdir: Path) -> dict:
+def run_sample(model: GritModel, embedder: Embedder | None, sample: str, n: int, rows, runs: int, warmup: int,
+               tokens: int, workdir: Path) -> dict:
     doc_len, q_len = (n, 1) if sample == "A" else (1, n)
     doc, question = text_of(model, doc_len, seed=n), text_of(model, q_len, seed=n + 1)
     corpus = workdir / f"{sample}{n}" / "doc.txt"
     corpus.parent.mkdir(parents=True)
     corpus.write_text(doc)
     results = {}
-    with RagCache.open(workdir / f"{sample}{n}" / "index", model=model) as rc:
-        rc.index([corpus], chunk_tokens=max(doc_len + 16, 32))
-        assert rc.store.count() == 1
-        for label, kwargs in rows:
-            kwargs = kwargs or {"mode": label}
-            results[label] = measure(rc, question, kwargs, runs, warmup, tokens)
-            print(f"  sample {sample} N={n:>5} {label:<16} ttft {results[label]['ttft_ms']['median']:9.1f} ms   "
-                  f"16-token e2e {results[label]['e2e_ms']['median']:9.1f} ms", flush=True)
+    for two_model in (False, True):
+        mine = [(label, kwargs) for label, kwargs in rows if (label == TWO_MODEL) == two_model]
+        if not mine:
+            continue
+        index = workdir / f"{sample}{n}" / ("index-two-model" if two_model else "index")
+        with RagCache.open(index, model=model, embedder=embedder if two_model else None) as rc:
+            rc.index([corpus], chunk_tokens=max(doc_len + 16, 32))
+            assert rc.store.count() == 1
+            for label, kwargs in mine:
+                kwargs = kwargs or {"mode": label}
+                results[label] = measure(rc, question, kwargs, runs, warmup, tokens)
+                print(f"  sample {sample} N={n:>5} {label:<16} ttft {results[label]['ttft_ms']['median']:9.1f} ms   "
+                      f"16-token e2e {results[label]['e2e_ms']['median']:9.1f} ms", flush=True)
     return results
 
 
@@ -149,6 +179,8 @@ def main() -> None:
     src.add_argument("--model", help="local model directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
     p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="tokenizer folder for --shape")
+    p.add_argument("--embedder", type=Path, help="sentence-transformers folder for the two-model row "
+                   "(default: random weights of all-MiniLM-L6-v2's shape)")
     p.add_argument("--lengths", default="250,500,1000,2000,4000")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=2)
@@ -160,7 +192,8 @@ def main() -> None:
     args = p.parse_args()
     lengths = [2000] if args.quick else [int(x) for x in args.lengths.split(",")]
     samples = ["A"] if args.quick else ["A", "B"]
-    rows = [r for r in ROWS if r[0] in ("none", "rag doc-first", "doc", "query-doc", "doc-query")] if args.quick else ROWS
+    quick_rows = ("none", "rag doc-first", "doc", "query-doc", "doc-query", TWO_MODEL)
+    rows = [r for r in ROWS if r[0] in quick_rows] if args.quick else ROWS
     runs, warmup = (3, 1) if args.quick else (args.runs, args.warmup)
     torch.set_grad_enabled(False)
 
@@ -168,11 +201,13 @@ def main() -> None:
         tmp = Path(tmp)
         model_dir = args.model or build_shape(args.shape or "cpu-small", args.tokenizer, tmp / "model")
         model = GritModel.load(str(model_dir), device=args.device, dtype=args.dtype)
+        embedder_dir = args.embedder or build_embedder(Path(model_dir), tmp / "embedder")
+        embedder = Embedder.load(embedder_dir, device=str(model.device))
         print(f"{model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
         results = {}
         for sample in samples:
             for n in lengths:
-                results[f"{sample}{n}"] = run_sample(model, sample, n, rows, runs, warmup, args.tokens, tmp)
+                results[f"{sample}{n}"] = run_sample(model, embedder, sample, n, rows, runs, warmup, args.tokens, tmp)
 
     checks = targets(results, 2000) if "A2000" in results and str(model.device) == "cpu" else []
     for name, value, bound, ok in checks:
@@ -180,7 +215,8 @@ def main() -> None:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {value:.2f} (target {op} {bound})")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    meta = {"model": model.name, "shape": args.shape, "device": str(model.device), "dtype": str(model.dtype),
+    meta = {"model": model.name, "shape": args.shape, "embedder": str(args.embedder or "random all-MiniLM-L6-v2 shape"),
+            "device": str(model.device), "dtype": str(model.dtype),
             "threads": torch.get_num_threads(), "date": stamp, "argv": sys.argv, "runs": runs, "warmup": warmup}
     (args.out / f"latency-{stamp}.json").write_text(json.dumps({"meta": meta, "results": results,
                                                               "targets": checks}, indent=1))

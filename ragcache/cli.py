@@ -1,4 +1,4 @@
-"""The `ragcache` command: index, ask, serve, info. Errors the user can fix end as one line and exit 1."""
+"""The `ragcache` command: index, ask, serve, info, eval. Errors the user can fix end as one line and exit 1."""
 
 from __future__ import annotations
 
@@ -46,17 +46,20 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _open(index: Optional[str], model: Optional[str], device: str, dtype: str, create: bool):
-    """Open an index; load the model named, else the index's own, else the default."""
+def _open(index: Optional[str], model: Optional[str], device: str, dtype: str, create: bool,
+          embedder: Optional[Path] = None):
+    """Open an index; load the model named, else the index's own, else the default (and an embedder if named)."""
+    from .embedder import Embedder
     from .engine import RagCache
-    from .model import GritModel
+    from .model import GritModel, resolve_device
     from .store import check
     _quiet_transformers()
     path = config.resolve_index(index)
     if model is None and not check(path, must_exist=not create):
         model = config.default_model()
+    loaded_embedder = Embedder.load(embedder, device=resolve_device(device)) if embedder else None
     loaded = GritModel.load(model, device=device, dtype=dtype) if model else None
-    return RagCache.open(path, model=loaded, create=create, device=device, dtype=dtype)
+    return RagCache.open(path, model=loaded, create=create, device=device, dtype=dtype, embedder=loaded_embedder)
 
 
 @app.command()
@@ -70,6 +73,9 @@ def index(
                                                "paper; default) or causal (a second pass for exact caches)"),
     prune: bool = typer.Option(True, "--prune/--no-prune", help="Remove indexed files that vanished from under CORPUS"),
     batch_size: int = typer.Option(8, "--batch-size", help="Chunks per forward pass"),
+    embedder: Optional[Path] = typer.Option(None, "--embedder", help="Local sentence-transformers folder that "
+                                            "embeds for retrieval instead of the model (the two-model baseline; "
+                                            "KV attention then defaults to causal)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why"),
@@ -82,7 +88,7 @@ def index(
         raise RagcacheError("--chunk-tokens must be at least 8")
     from .corpus import check_paths
     check_paths(corpus)  # before a model loads or an index is created
-    rc = _open(index, model, device, dtype, create=True)
+    rc = _open(index, model, device, dtype, create=True, embedder=embedder)
     with rc:
         stats = rc.index(corpus, chunk_tokens=chunk_tokens, kv_attention=kv_attention, prune=prune,
                          show_progress=not as_json and sys.stderr.isatty(), batch_size=batch_size)
@@ -197,6 +203,80 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
         typer.echo(f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
                    f"model {i['model']['name']} ({i['model']['dtype']}, fingerprint {i['model']['fingerprint']}); "
                    f"chunks of at most {i['chunk_tokens']} tokens; KV attention {i['kv_attention']}")
+        if "embedder" in i:
+            typer.echo(f"  retrieval by embedder {i['embedder']['name']} (fingerprint {i['embedder']['fingerprint']}, "
+                       f"{i['embedder']['dim']} dimensions, texts cut at {i['embedder']['max_tokens']} tokens)")
+
+
+eval_app = typer.Typer(no_args_is_help=True, help="Measure retrieval and answer quality on an index.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retrieval")
+@_errors
+def eval_retrieval(
+    queries: Path = typer.Option(..., "--queries", help="BEIR queries.jsonl: _id and text per line"),
+    qrels: Path = typer.Option(..., "--qrels", help="BEIR qrels TSV: query-id, corpus-id, score"),
+    index: Optional[str] = IndexOpt,
+    model: Optional[str] = ModelOpt,
+    out: Path = typer.Option(Path("eval-retrieval.jsonl"), "--out", help="Per-query results (JSONL)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """nDCG@10, MAP@10, MRR@10 and recall@1/5/10/100 of the index's retrieval (BEIR's definitions)."""
+    from . import evaluate
+    from .progress import bar
+    from .store import check
+    query_texts, judgements = evaluate.load_queries(queries), evaluate.load_qrels(qrels)
+    check(config.resolve_index(index), must_exist=True)  # before the output file is made
+    with evaluate.open_out(out) as f, _open(index, model, device, dtype, create=False) as rc:
+        if rc.store.count() == 0:
+            raise RagcacheError(f"the index '{rc.store.path}' holds no documents; run ragcache index first")
+        with bar(not as_json and sys.stderr.isatty(), "queries", len(judgements)) as advance:
+            result = evaluate.retrieval(rc, query_texts, judgements, f, advance=advance)
+    typer.echo(json.dumps(result | {"per_query": str(out)}) if as_json
+               else evaluate.retrieval_table(result) + f"\nper-query results: {out}")
+
+
+@eval_app.command("qa")
+@_errors
+def eval_qa(
+    questions: Path = typer.Option(..., "--questions", help="JSONL of {\"question\", \"answer\": [...]} (NQ-open)"),
+    modes: str = typer.Option(",".join(prompts.MODES), "--modes", help="Comma-separated modes to compare"),
+    index: Optional[str] = IndexOpt,
+    model: Optional[str] = ModelOpt,
+    top_k: int = typer.Option(1, "-k", "--top-k", help="Documents per question (the paper uses 1)"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Most tokens per answer (the paper uses 16)"),
+    order: str = typer.Option("doc-first", "--order", help="For mode rag: doc-first or query-first"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions"),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="JSON file overriding prompt templates"),
+    out: Path = typer.Option(Path("eval-qa.jsonl"), "--out", help="Per-question results, every mode (JSONL)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """EM, Match and F1 of the answers in each mode, with latency, one row per mode."""
+    from . import evaluate
+    from .progress import bar
+    from .prompts import Templates
+    from .store import check
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in prompts.MODES]
+    if bad or not chosen:
+        raise RagcacheError(f"unknown mode '{bad[0] if bad else modes}': use a comma-separated list of "
+                            f"{', '.join(prompts.MODES)}")
+    if limit is not None and limit < 1:
+        raise RagcacheError(f"--limit must be at least 1 (got {limit})")
+    items = evaluate.load_questions(questions)[:limit]
+    tmpl = Templates.load(templates)
+    check(config.resolve_index(index), must_exist=True)  # before the output file is made
+    with evaluate.open_out(out) as f, _open(index, model, device, dtype, create=False) as rc:
+        with bar(not as_json and sys.stderr.isatty(), "answers", len(items) * len(chosen)) as advance:
+            summary = evaluate.qa(rc, items, chosen, f, top_k=top_k, max_new_tokens=max_new_tokens, order=order,
+                                  advance=advance, templates=tmpl)
+    typer.echo(json.dumps({"modes": summary, "per_question": str(out)}) if as_json
+               else evaluate.qa_table(summary) + f"\nper-question results: {out}")
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
 from . import chunking, corpus, indexer, prompts
 from . import kv as kvlib
 from . import store as storelib
+from .embedder import Embedder
 from .errors import RagcacheError
 from .model import GritModel, causal_allowed, dtype_name
 from .prompts import Segment, Templates
@@ -44,16 +46,20 @@ class Answer:
 
 
 class RagCache:
-    def __init__(self, store: storelib.Store, model: GritModel):
+    def __init__(self, store: storelib.Store, model: GritModel, embedder: Embedder | None = None):
         self.store, self.model = store, model
+        self.embedder = embedder  # a separate retrieval encoder (two-model baseline), else None: the model embeds
         self._vectors: Vectors | None = None
         self._vectors_stamp = -1
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, model: GritModel | None = None, create: bool = True, device: str = "auto",
-             dtype: str = "auto") -> "RagCache":
-        """Open (or create) the index at `path`. Without `model`, load the one the index was built with."""
+             dtype: str = "auto", embedder: Embedder | None = None) -> "RagCache":
+        """Open (or create) the index at `path`. Without `model`, load the one the index was built with.
+
+        `embedder` makes a new index retrieve with that encoder; an index built so reloads its own.
+        """
         store = storelib.Store(Path(path), create=create)
         try:
             meta = store.meta()
@@ -70,10 +76,11 @@ class RagCache:
                                        dtype=meta["model"]["dtype"] if dtype == "auto" else dtype)
             if meta:
                 _check_model(meta, model, path)
+            embedder = _index_embedder(meta, embedder, path, str(model.device))
         except BaseException:
             store.close()
             raise
-        return cls(store, model)
+        return cls(store, model, embedder)
 
     def close(self) -> None:
         self.store.close()
@@ -97,7 +104,7 @@ class RagCache:
         vectors = Vectors.load(path, stamp)
         if vectors is None:
             ids, vecs = self.store.embeddings()
-            vectors = Vectors(self.model.hf.config.hidden_size)
+            vectors = Vectors(self.embedder.dim if self.embedder else self.model.hf.config.hidden_size)
             vectors.add(ids, vecs)
             if path.exists() and len(ids):
                 _warn(f"the vector index was out of date; rebuilt it from {len(ids)} stored embeddings")
@@ -110,7 +117,8 @@ class RagCache:
               warn: Callable[[str], None] = _warn) -> indexer.IndexStats:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned."""
         corpus.check_paths(paths)  # before anything is written
-        meta = self.meta or self._new_meta(chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS, kv_attention or "bidirectional")
+        default_attention = "causal" if self.embedder else "bidirectional"  # a plain decoder's caches are causal
+        meta = self.meta or self._new_meta(chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS, kv_attention or default_attention)
         for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention)):
             if value is not None and value != meta[name]:
                 raise RagcacheError(f"this index was built with {name.replace('_', '-')}={meta[name]}; "
@@ -123,7 +131,8 @@ class RagCache:
                 self.store.set_meta(meta)
             vectors = self.vectors()
             stats = indexer.run(self.store, self.model, vectors, paths, meta["chunk_tokens"], meta["kv_attention"],
-                                prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn)
+                                prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
+                                embedder=self.embedder)
             vectors.save(self.store.path / "vectors.faiss", self.store.version())
             self._vectors_stamp = self.store.version()
         finally:
@@ -139,11 +148,26 @@ class RagCache:
             "model": {"name": self.model.name, "fingerprint": self.model.fingerprint(),
                       "dtype": dtype_name(self.model.dtype), "layers": cfg.num_hidden_layers,
                       "kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads},
-            "dim": cfg.hidden_size,
+            "dim": self.embedder.dim if self.embedder else cfg.hidden_size,
             "chunk_tokens": chunk_tokens,
             "kv_attention": kv_attention,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        } | ({"embedder": self.embedder.identity()} if self.embedder else {})
+
+    def search(self, question: str, k: int) -> list[tuple[int, float]]:
+        """The k best (chunk id, score) for `question`, best first: retrieval alone, nothing generated."""
+        return self.vectors().search(self._embed_question(question, None)[1], k)
+
+    def _embed_question(self, question: str, kv: str | None) -> tuple[list[int], np.ndarray, torch.Tensor | None]:
+        """The question's embedding-prompt tokens, its retrieval vector and, when `kv` is set, its KV."""
+        if self.embedder is None:
+            enc = self.model.encode([question], kv=kv)[0]
+            return enc.token_ids, enc.embedding, enc.kv
+        vector = self.embedder.embed([question])[0]
+        if kv is None:
+            return self.model.embed_tokens(question)[0], vector, None
+        enc = self.model.encode([question], kv=kv, embed=False)[0]
+        return enc.token_ids, vector, enc.kv
 
     # ---- asking --------------------------------------------------------------------------------
     def ask(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
@@ -167,11 +191,10 @@ class RagCache:
         query_ids, query_kv, hits = [], None, []
         if mode != "none":
             cache_query = mode in ("query", "query-doc", "doc-query")
-            enc = self.model.encode([question], kv=kv_attention if cache_query else None)[0]
-            query_ids, query_kv = enc.token_ids, enc.kv
+            query_ids, vector, query_kv = self._embed_question(question, kv_attention if cache_query else None)
             t = time.perf_counter()
             timings["embed"] = t - t_start
-            hits = self.vectors().search(enc.embedding, top_k)
+            hits = self.vectors().search(vector, top_k)
             timings["search"] = time.perf_counter() - t
 
         docs = []
@@ -330,3 +353,23 @@ def _check_model(meta: dict, model: GritModel, path) -> None:
         raise RagcacheError(f"index '{path}' holds {built['dtype']} caches; load the model with --dtype {built['dtype']}")
     if meta.get("prompt_format") != PROMPT_FORMAT:
         raise RagcacheError(f"index '{path}' uses prompt format {meta.get('prompt_format')}, not {PROMPT_FORMAT}; rebuild it")
+
+
+def _index_embedder(meta: dict | None, embedder: Embedder | None, path, device: str) -> Embedder | None:
+    """The embedder an index retrieves with: the one it records (loaded again when not given), else none."""
+    recorded = (meta or {}).get("embedder")
+    if recorded is None:
+        if embedder is not None and meta:
+            raise RagcacheError(f"index '{path}' retrieves with its model's own embeddings; build a new index "
+                                "to use a separate embedder")
+        return embedder
+    if embedder is None:
+        if not Path(recorded["name"]).is_dir():
+            raise RagcacheError(f"index '{path}' retrieves with the embedder at '{recorded['name']}', which is "
+                                "missing; put it back there or build a new index")
+        embedder = Embedder.load(recorded["name"], device=device)
+    if embedder.fingerprint() != recorded["fingerprint"]:
+        raise RagcacheError(f"index '{path}' was built with embedder '{recorded['name']}' (fingerprint "
+                            f"{recorded['fingerprint']}), not '{embedder.name}' (fingerprint {embedder.fingerprint()}); "
+                            "its vectors are only valid for that embedder: use it or build a new index")
+    return embedder

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import chunking, corpus, prompts
 from . import kv as kvlib
+from .embedder import Embedder
 from .errors import RagcacheError
 from .model import GritModel
 from .store import Store
@@ -53,7 +54,8 @@ class _Pending:
 
 def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path], chunk_tokens: int,
         kv_attention: str, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
-        warn: Callable[[str], None] = lambda m: None) -> IndexStats:
+        warn: Callable[[str], None] = lambda m: None, embedder: Embedder | None = None) -> IndexStats:
+    """Index `paths`; with `embedder`, it makes the retrieval vectors and the model only the KV caches."""
     t0 = time.perf_counter()
     stats = IndexStats()
     found = corpus.discover(paths)
@@ -90,7 +92,10 @@ def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path
     with _progress(show_progress, total) as advance:
         for group in _groups(pending):
             passages = [text for p in group for text in p.passages]
-            encoded = model.encode(passages, kv=kv_attention, batch_size=batch_size)
+            encoded = model.encode(passages, kv=kv_attention, batch_size=batch_size, embed=embedder is None)
+            if embedder is not None:
+                for enc, vector in zip(encoded, embedder.embed(passages)):
+                    enc.embedding = vector
             for p in group:
                 mine, encoded = encoded[: len(p.chunks)], encoded[len(p.chunks):]
                 rows = []

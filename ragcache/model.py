@@ -98,7 +98,7 @@ class Encoded:
     """One text after an embedding pass: its formatted tokens, pooled vector and optional KV."""
 
     token_ids: list[int]
-    embedding: np.ndarray  # (dim,) float32, L2-normalised
+    embedding: np.ndarray | None  # (dim,) float32, L2-normalised; None when the pass did not embed
     kv: torch.Tensor | None  # (layers, 2, kv_heads, tokens, head_dim), on the CPU
 
 
@@ -128,6 +128,26 @@ def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
     cols = torch.arange(past + q, device=device)
     rows = torch.arange(q, device=device) + past
     return (cols[None, :] <= rows[:, None])[None]
+
+
+def weights_fingerprint(hf, tokenizer, extra: object = None) -> str:
+    """Hash of a model's config, tokenizer, `extra` (JSON) and a strided sample of every weight.
+
+    Weights are rounded to bfloat16 first, so the same model loaded in float32 or bfloat16 hashes alike.
+    """
+    h = hashlib.sha256()
+    config = {k: v for k, v in hf.config.to_dict().items()
+              if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([tokenizer.bos_token, tokenizer.eos_token]).encode())
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True).encode())
+    for name, p in sorted(hf.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 512)][:512].to(torch.bfloat16).float().cpu().numpy()
+        h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
+    return h.hexdigest()[:16]
 
 
 class GritModel:
@@ -175,18 +195,7 @@ class GritModel:
     def fingerprint(self) -> str:
         """Hash of config, tokenizer and a strided sample of every weight (dtype-independent)."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            config = {k: v for k, v in self.hf.config.to_dict().items()
-                      if not k.startswith("_") and k not in ("dtype", "torch_dtype", "transformers_version")}
-            h.update(json.dumps(config, sort_keys=True, default=str).encode())
-            h.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
-            h.update(json.dumps([self.tokenizer.bos_token, self.tokenizer.eos_token]).encode())
-            for name, p in sorted(self.hf.state_dict().items()):
-                flat = p.detach().reshape(-1)
-                # rounded to bfloat16, so the same weights loaded in float32 or bfloat16 hash alike
-                sample = flat[:: max(1, flat.numel() // 512)][:512].to(torch.bfloat16).float().cpu().numpy()
-                h.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = weights_fingerprint(self.hf, self.tokenizer)
         return self._fingerprint
 
     # ---- tokens --------------------------------------------------------------------------------
@@ -226,11 +235,12 @@ class GritModel:
 
     @torch.inference_mode()
     def encode(self, texts: list[str], instruction: str = "", kv: str | None = None,
-               batch_size: int = 8, progress=None) -> list[Encoded]:
+               batch_size: int = 8, progress=None, embed: bool = True) -> list[Encoded]:
         """Embedding pass over `texts`, batched by length; optionally the KV of each text's tokens.
 
         kv=None: no cache kept. kv="bidirectional": the cache of the embedding pass itself.
         kv="causal": a second, causal pass over the same tokens for an exact generation cache.
+        embed=False (a separate embedder retrieves): no embedding, and with kv="causal" only the causal pass.
         Every returned KV covers exactly its sequence's tokens: padding is cut off before it leaves.
         """
         toks = [self.embed_tokens(t, instruction) for t in texts]
@@ -244,15 +254,18 @@ class GritModel:
                 ids[r, : lengths[r]] = torch.tensor(toks[i][0])
             ids = ids.to(self.device)
             positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-            hidden, cache = self.forward(ids, positions, padded_allowed(lengths, True, self.device))
-            if kv == "causal":
+            bidirectional = embed or kv == "bidirectional"
+            hidden, cache = self.forward(ids, positions, padded_allowed(lengths, bidirectional, self.device))
+            if kv == "causal" and bidirectional:
                 _, cache = self.forward(ids, positions, padded_allowed(lengths, False, self.device))
             for r, i in enumerate(rows):
                 start, n = toks[i][1], lengths[r]
-                pooled = hidden[r, start:n].float().mean(0) if n > start else torch.zeros(hidden.shape[-1])
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                vector = None
+                if embed:
+                    pooled = hidden[r, start:n].float().mean(0) if n > start else torch.zeros(hidden.shape[-1])
+                    vector = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
                 seq_kv = kvlib.from_cache(cache, r, n) if kv else None
-                results[i] = Encoded(toks[i][0], pooled.cpu().numpy().astype(np.float32), seq_kv)
+                results[i] = Encoded(toks[i][0], vector, seq_kv)
             if progress is not None:
                 progress(len(rows))
         return results  # type: ignore[return-value]

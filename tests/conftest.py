@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import string
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MISTRAL_TOKENIZER = SHARED / "tokenizers" / "mistral-7b-v0.1"
 STORIES = SHARED / "models" / "stories260K"
 SQUAD = SHARED / "data" / "squad-v2-sample" / "dev-first5articles.json"
+SCIFACT = SHARED / "data" / "scifact"
 
 FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -62,6 +65,35 @@ def build_model(out: Path, family: str = "mistral", seed: int = 0, layers: int =
     torch.manual_seed(seed)
     model_cls(config).save_pretrained(out)
     return out
+
+
+def build_embedder(out: Path, seed: int = 0, max_seq_length: int = 32, pooling: str = "mean") -> Path:
+    """A tiny random BERT saved as a sentence-transformers folder (Transformer, Pooling, Normalize)."""
+    out.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits
+    words = sorted({w.strip(string.punctuation).lower() for w in _TRAINING_TEXT.split()} - {""})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars, *(f"##{c}" for c in chars), *words]
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(dict.fromkeys(vocab))}, do_lower_case=True)
+    tokenizer.save_pretrained(out)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(out)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (out / "modules.json").write_text(json.dumps(modules))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    modes = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32} | {f"pooling_mode_{m}": m.rsplit("_", 1)[0] == pooling for m in modes}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tmp_path_factory) -> Path:
+    return build_embedder(tmp_path_factory.mktemp("tiny-st"))
 
 
 @pytest.fixture(scope="session")
