@@ -238,7 +238,11 @@ class Service:
         if len(inputs) > self.limits.max_input_count:
             raise ApiError(400, f"{len(inputs)} inputs, more than this server's limit of "
                                 f"{self.limits.max_input_count} per request", param="input")
-        dim = self.model.hf.config.hidden_size
+        embedder = self.engine.embedder  # a two-model index retrieves with it, so it is what we serve
+        if embedder is not None and req.instruction:
+            raise ApiError(400, "this index embeds with a separate sentence-transformers model, which takes no "
+                                "instruction", param="instruction")
+        dim = embedder.dim if embedder is not None else self.model.hf.config.hidden_size
         if req.dimensions is not None and req.dimensions > dim:
             raise ApiError(400, f"dimensions {req.dimensions} is more than the model's {dim}", param="dimensions")
         vocab = len(self.model.tokenizer)
@@ -249,21 +253,25 @@ class Service:
                 raise ApiError(400, f"input {i} holds token ids outside the vocabulary (0-{vocab - 1})", param="input")
         with self.lock:  # the tokenizer too: it is not safe to share between threads
             texts = [item if isinstance(item, str) else self.model.decode(item) for item in inputs]
-            for i, text in enumerate(texts):
-                n = len(self.model.embed_tokens(text, req.instruction)[0])
-                if n > self.model.max_context:
-                    raise ApiError(400, f"input {i} takes {n} tokens, more than the model's context of "
-                                        f"{self.model.max_context}", param="input")
-            encoded = self.model.encode(texts, req.instruction)
+            if embedder is not None:  # it cuts each text at its own limit, as sentence-transformers does
+                vectors = list(embedder.embed(texts))
+                tokens = sum(min(len(embedder.tokenizer(t)["input_ids"]), embedder.max_tokens) for t in texts)
+            else:
+                for i, text in enumerate(texts):
+                    n = len(self.model.embed_tokens(text, req.instruction)[0])
+                    if n > self.model.max_context:
+                        raise ApiError(400, f"input {i} takes {n} tokens, more than the model's context of "
+                                            f"{self.model.max_context}", param="input")
+                encoded = self.model.encode(texts, req.instruction)
+                vectors, tokens = [e.embedding for e in encoded], sum(len(e.token_ids) for e in encoded)
         data = []
-        for i, enc in enumerate(encoded):
-            vec = enc.embedding[: req.dimensions]
+        for i, vec in enumerate(vectors):
+            vec = vec[: req.dimensions]
             if req.dimensions is not None:
                 vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
             vec = vec.astype("<f4")
             value = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(len(e.token_ids) for e in encoded)
         return {"object": "list", "data": data, "model": self.model_id,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 

@@ -1,6 +1,7 @@
 """`ragcache serve` through the real `openai` client, on 127.0.0.1, with the tiny random-weight model."""
 
 import base64
+import contextlib
 import json
 import socket
 import threading
@@ -23,11 +24,9 @@ LIMITS = Limits(max_body_bytes=64 * 1024, max_input_count=8, max_tokens=4000, ma
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, model, corpus_dir):
-    """A live server on a free port of 127.0.0.1, over a small index."""
-    rc = RagCache.open(tmp_path_factory.mktemp("serve") / "idx", model=model)
-    rc.index([corpus_dir])
+@contextlib.contextmanager
+def _serve(rc: RagCache):
+    """A live server on a free port of 127.0.0.1, over `rc`."""
     app = create_app(rc, api_key=KEY, limits=LIMITS)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -39,10 +38,38 @@ def served(tmp_path_factory, model, corpus_dir):
         time.sleep(0.02)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    yield type("Served", (), {"base": base, "client": client, "rc": rc, "model": model.name, "app": app})
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield type("Served", (), {"base": base, "client": client, "rc": rc, "model": rc.model.name, "app": app})
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, model, corpus_dir):
+    """The server over a small index."""
+    rc = RagCache.open(tmp_path_factory.mktemp("serve") / "idx", model=model)
+    rc.index([corpus_dir])
+    with _serve(rc) as served:
+        yield served
     rc.close()
+
+
+def test_two_model_index_serves_its_embedder(tmp_path, model, embedder_dir, corpus_dir):
+    from ragcache.embedder import Embedder
+    embedder = Embedder.load(embedder_dir)
+    with RagCache.open(tmp_path / "idx", model=model, embedder=embedder) as rc:
+        rc.index([corpus_dir])
+        with _serve(rc) as served:
+            got = served.client.embeddings.create(model=served.model, input=["water", "river city"])
+            assert np.allclose([d.embedding for d in got.data], embedder.embed(["water", "river city"]), atol=1e-5)
+            status, body = raw(served, "/v1/embeddings", json.dumps(
+                {"model": served.model, "input": "x", "instruction": "Retrieve"}).encode())
+            assert status == 400 and body["error"]["param"] == "instruction"
+            answer = served.client.chat.completions.create(model=served.model, max_tokens=4,
+                                                           messages=[{"role": "user", "content": QUESTION}],
+                                                           extra_body={"rag": {"mode": "doc", "top_k": 1}})
+            assert answer.choices[0].message.content
 
 
 def raw(served, path, body: bytes | None = None, key: str | None = KEY):
