@@ -96,18 +96,41 @@ class RagCache:
         path = self.store.path / "vectors.faiss"
         vectors = Vectors.load(path, stamp)
         if vectors is None:
+            existed = path.exists()
             ids, vecs = self.store.embeddings()
             vectors = Vectors(self.model.hf.config.hidden_size)
             vectors.add(ids, vecs)
-            if path.exists() and len(ids):
-                _warn(f"the vector index was out of date; rebuilt it from {len(ids)} stored embeddings")
+            if len(ids) and self._save_rebuilt(vectors, stamp):
+                _warn(f"the vector index was {'out of date' if existed else 'missing'} (an interrupted run?); "
+                      f"rebuilt it from {len(ids)} stored embeddings")
         self._vectors, self._vectors_stamp = vectors, stamp
         return vectors
+
+    def _save_rebuilt(self, vectors: Vectors, stamp: int) -> bool:
+        """Save a rebuilt view so that later opens load it; False when a live writer elsewhere made it stale.
+
+        That writer saves its own view when it ends, so there is nothing to report or save.
+        """
+        held = self.store.writing
+        try:
+            if not held:
+                self.store.lock_for_writing()
+        except RagcacheError:
+            return False
+        try:
+            if self.store.version() == stamp:  # nothing was committed since the embeddings were read
+                vectors.save(self.store.path / "vectors.faiss", stamp)
+        except RagcacheError:
+            pass  # a full disk or a read-only folder: the view in memory serves, and the next open rebuilds
+        finally:
+            if not held:
+                self.store.unlock()
+        return True
 
     # ---- indexing ------------------------------------------------------------------------------
     def index(self, paths: list[str | Path], chunk_tokens: int | None = None, kv_attention: str | None = None,
               prune: bool = True, show_progress: bool = False, batch_size: int = 8,
-              warn: Callable[[str], None] = _warn) -> indexer.IndexStats:
+              warn: Callable[[str], None] = _warn, max_file_mb: float = corpus.MAX_FILE_MB) -> indexer.IndexStats:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned."""
         corpus.check_paths(paths)  # before anything is written
         meta = self.meta or self._new_meta(chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS, kv_attention or "bidirectional")
@@ -123,7 +146,8 @@ class RagCache:
                 self.store.set_meta(meta)
             vectors = self.vectors()
             stats = indexer.run(self.store, self.model, vectors, paths, meta["chunk_tokens"], meta["kv_attention"],
-                                prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn)
+                                prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
+                                max_file_mb=max_file_mb)
             vectors.save(self.store.path / "vectors.faiss", self.store.version())
             self._vectors_stamp = self.store.version()
         finally:
