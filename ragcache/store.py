@@ -48,19 +48,33 @@ class Store:
     def __init__(self, path: Path, create: bool):
         """Open the index at `path`, creating it when `create`; readers and the writer share one env."""
         self.path = path
-        exists = check(path, must_exist=not create)
+        check(path, must_exist=not create)
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=8, lock=True)
             self.env.reader_check()  # free the reader slots of killed processes, which pin old pages
         except (OSError, lmdb.Error) as e:
             raise RagcacheError(f"cannot open the index at '{path}': {e}") from None
-        names = ("meta", "files", "chunks", "emb", "kv")
         try:
-            self.db = {n: self.env.open_db(n.encode(), create=not exists) for n in names}
-        except lmdb.Error:
-            raise RagcacheError(f"'{path}' is not a ragcache index") from None
+            self.db = self._open_dbs(create)
+        except BaseException:
+            self.env.close()
+            raise
         self._lock = None
+
+    def _open_dbs(self, create: bool) -> dict:
+        """The named databases; a writer creates those missing, as after a first run killed mid-creation."""
+        names = ("meta", "files", "chunks", "emb", "kv")
+        with self.env.begin() as txn:  # the main database holds the names of the others
+            held = {bytes(k) for k, _ in txn.cursor()}
+        if held - {n.encode() for n in names}:
+            raise RagcacheError(f"'{self.path}' is not a ragcache index")
+        if not create and len(held) < len(names):
+            raise RagcacheError(f"no index at '{self.path}'; build one with: ragcache index CORPUS -i {self.path}")
+        try:
+            return {n: self.env.open_db(n.encode(), create=create) for n in names}
+        except lmdb.Error as e:
+            raise RagcacheError(f"cannot open the index at '{self.path}': {e}") from None
 
     def lock_for_writing(self) -> None:
         """Become the index's one writer, or fail at once naming the process that is."""
@@ -225,7 +239,18 @@ def check(path: Path, must_exist: bool) -> bool:
     return exists
 
 
-def _take_writer_lock(path: Path):
+def check_no_writer(path: Path) -> None:
+    """Fail at once, naming the process, when another process is writing the index at `path`.
+
+    Commands that will write call this before loading a model, which can take minutes; they take the
+    lock itself (lock_for_writing) once the model is loaded.
+    """
+    if (path / "writer.lock").exists():
+        _take_writer_lock(path / "writer.lock", claim=False).close()
+
+
+def _take_writer_lock(path: Path, claim: bool = True):
+    """The locked file, with our PID in it when we `claim` it; without, a probe that leaves the file as it was."""
     try:
         handle = open(path, "a+")
     except OSError as e:
@@ -237,8 +262,9 @@ def _take_writer_lock(path: Path):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RagcacheError(f"the index '{path.parent}' is being written by process {holder}; wait for it to finish") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+    if claim:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
     return handle
