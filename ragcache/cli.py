@@ -85,9 +85,11 @@ def index(
     if max_file_mb <= 0:
         raise RagcacheError("--max-file-mb must be more than 0")
     from .corpus import discover
-    from .store import check
+    from .store import check, check_no_writer
     found = discover(corpus)  # before a model loads or an index is created
-    if not found.files and not check(config.resolve_index(index), must_exist=False):
+    path = config.resolve_index(index)
+    check_no_writer(path)
+    if not found.files and not check(path, must_exist=False):
         raise RagcacheError(f"nothing to index: no .txt, .md, .jsonl or .json file in {', '.join(map(str, corpus))}"
                             + (f" ({len(found.skipped)} other files skipped)" if found.skipped else ""))
     rc = _open(index, model, device, dtype, create=True)
@@ -191,7 +193,10 @@ def verify(
     as_json: bool = JsonOpt,
 ) -> None:
     """Check every chunk (KV header, decompression, checksum; embedding; file records), FAISS and the model."""
+    from .store import check_no_writer
     from .verify import verify as check_index
+    if repair:
+        check_no_writer(config.resolve_index(index))  # before the model loads
     with _open(index, model, device, dtype, create=False) as rc:
         report = check_index(rc, repair=repair)
     if as_json:

@@ -175,9 +175,9 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
 
     report.problems.sort(key=lambda p: (p.chunk_id is None, p.chunk_id or 0))  # stable: by chunk, then part
     saved = Vectors.load(store.path / "vectors.faiss", stamp)
-    if saved is None:
+    if saved is None and vectors:  # with no embeddings, there is nothing for a view to disagree with
         found.faiss = problem(None, "faiss", "missing or older than LMDB (it is rebuilt when the index is opened)")
-    else:
+    elif saved is not None:
         ids, vecs = saved.contents()
         same = sorted(ids.tolist()) == sorted(vectors) and all(
             np.array_equal(v, vectors[int(i)]) for i, v in zip(ids, vecs))
