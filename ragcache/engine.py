@@ -179,6 +179,10 @@ class RagCache:
         `on_token` gets each new piece of text; returning True stops generation there.
         """
         _validate(question, mode, order, top_k, max_new_tokens)
+        asked = len(self.model.tokenize(question)) + max_new_tokens
+        if asked > self.model.max_context:  # refused before an embedding pass longer than the model can hold
+            raise RagcacheError(f"the question and answer need at least {asked} tokens, more than the model's "
+                                f"context of {self.model.max_context}")
         meta = self.meta
         if meta is None or self.store.count() == 0:
             if mode != "none":
@@ -203,6 +207,7 @@ class RagCache:
             record = self.store.chunk(cid)
             docs.append((cid, prompts.passage(record["title"], record["text"]), record["token_ids"], record))
         bos_ids = self.model.tokenize(self.model.bos) if self.model.bos else []
+        dropped = []  # (rank, record); said only once the layout fits, so a failure says one thing
         while True:
             layout = prompts.build_layout(mode, order, question, query_ids, [d[:3] for d in docs],
                                           self.model.tokenize, bos_ids, templates, kv_attention)
@@ -212,9 +217,10 @@ class RagCache:
             if not docs:
                 raise RagcacheError(f"the question and answer need {length} tokens, more than the model's "
                                     f"context of {self.model.max_context}")
-            dropped = docs.pop()
+            dropped.append((len(docs), docs.pop()[3]))
             hits = hits[: len(docs)]
-            _warn(f"dropped source '{dropped[3]['title'] or dropped[3]['source']}' (rank {len(docs) + 1}): "
+        for rank, record in reversed(dropped):
+            _warn(f"dropped source '{record['title'] or record['source']}' (rank {rank + 1}): "
                   f"the layout would exceed the model's context of {self.model.max_context} tokens")
 
         t = time.perf_counter()
