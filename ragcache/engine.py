@@ -217,10 +217,11 @@ class RagCache:
             if not docs:
                 raise RagcacheError(f"the question and answer need {length} tokens, more than the model's "
                                     f"context of {self.model.max_context}")
-            dropped.append((len(docs), docs.pop()[3]))
+            record = docs.pop()[3]
+            dropped.append((len(docs) + 1, record))
             hits = hits[: len(docs)]
         for rank, record in reversed(dropped):
-            _warn(f"dropped source '{record['title'] or record['source']}' (rank {rank + 1}): "
+            _warn(f"dropped source '{record['title'] or record['source']}' (rank {rank}): "
                   f"the layout would exceed the model's context of {self.model.max_context} tokens")
 
         t = time.perf_counter()
