@@ -86,7 +86,7 @@ def verify(rc: RagCache, repair: bool = False) -> Report:
 class _Found:
     """What the check found, by the repair each needs."""
     problems: dict[int, list[Problem]] = field(default_factory=dict)  # chunk id -> its problems
-    recompute: dict[int, set[str]] = field(default_factory=dict)  # chunk id -> {"kv", "embedding"}
+    recompute: dict[int, tuple[set[str], str]] = field(default_factory=dict)  # id -> ({"kv", "embedding"}, file)
     drop_files: dict[str, set[int]] = field(default_factory=dict)  # file -> its chunks that cannot be mended
     orphans: set[int] = field(default_factory=set)  # chunks no file owns
     faiss: Problem | None = None
@@ -113,9 +113,10 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
             records.add(cid)
             try:
                 record = json.loads(bytes(v))
-                assert isinstance(record["text"], str) and isinstance(record["title"], str)
+                if not all(isinstance(record[f], t) for f, t in (("text", str), ("title", str), ("token_ids", list))):
+                    raise TypeError
                 tokens[cid] = len(record["token_ids"])
-            except (ValueError, TypeError, KeyError, AssertionError):
+            except (ValueError, TypeError, KeyError):
                 problem(cid, "record", "does not parse: the chunk's text is lost")
         vectors: dict[int, np.ndarray] = {}
         for k, v in txn.cursor(db=store.db["emb"]):
@@ -163,7 +164,7 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
     for cid, ps in found.problems.items():
         mine = owners.get(cid, [])
         if cid in tokens and len(mine) == 1:  # its text is there
-            found.recompute[cid] = {p.part for p in ps}
+            found.recompute[cid] = ({p.part for p in ps}, mine[0])
         elif mine:  # its text is lost, or two files claim it: read those files again
             for source in mine:
                 found.drop_files.setdefault(source, set()).add(cid)
@@ -198,9 +199,9 @@ def _repair(rc: RagCache, found: _Found) -> None:
         batch = todo[b : b + ENCODE_BATCH]
         records = [store.chunk(cid) for cid, _ in batch]
         encoded = rc.model.encode([prompts.passage(r["title"], r["text"]) for r in records], kv=meta["kv_attention"])
-        for (cid, parts), record, enc in zip(batch, records, encoded):
+        for (cid, (parts, source)), record, enc in zip(batch, records, encoded):
             if enc.token_ids != record["token_ids"]:  # the text no longer yields its cache: read the file anew
-                found.drop_files.setdefault(record["source"], set()).add(cid)
+                found.drop_files.setdefault(source, set()).add(cid)
                 continue
             store.put_parts(cid, enc.embedding if "embedding" in parts else None,
                             kvlib.serialize(enc.kv) if "kv" in parts else None)
@@ -209,7 +210,8 @@ def _repair(rc: RagCache, found: _Found) -> None:
         store.remove_file(source)
         for cid in cids:
             mark(cid, f"dropped the record of '{source}': run ragcache index on it to read it again", False)
-    store.remove_chunks(sorted(found.orphans))
+    if found.orphans:
+        store.remove_chunks(sorted(found.orphans))
     for cid in found.orphans:
         mark(cid, "deleted: no file owns it", True)
     ids, vecs = store.embeddings()

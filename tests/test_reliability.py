@@ -258,22 +258,29 @@ def test_verify_finds_every_kind_of_damage_and_repair_mends_it(tmp_path, model, 
         lost = next(source for source, rec in files.items() if len(rec["chunks"]) == 1)  # loses its only chunk
         lost_id = files[lost]["chunks"][0]
         flip, cut, junk, no_emb = [i for i in ids if i != lost_id][:4]
+        retok = ids[-1]  # its record's tokens no longer match its text, so its cache cannot be recomputed
+        owner = {cid: source for source, rec in files.items() for cid in rec["chunks"]}
+        assert owner[retok] not in {owner[i] for i in (lost_id, flip, cut, junk, no_emb)}
         for cid, how in ((flip, "flip"), (cut, "truncate"), (junk, "header")):
             _damage(rc, cid, how)
+        record = rc.store.chunk(retok)
         with rc.store.env.begin(write=True) as txn:
             txn.delete(key(no_emb), db=rc.store.db["emb"])
             txn.delete(key(lost_id), db=rc.store.db["chunks"])
             txn.put(key(999), b'{"text": "stray", "title": "", "token_ids": [1]}', db=rc.store.db["chunks"])
+            txn.put(key(retok), json.dumps(record | {"token_ids": record["token_ids"] + [5]}).encode(),
+                    db=rc.store.db["chunks"])
 
         found = {(p.chunk_id, p.part) for p in verify(rc).problems}
         assert found == {(flip, "kv"), (cut, "kv"), (junk, "kv"), (no_emb, "embedding"), (lost_id, "record"),
-                         (999, "embedding"), (999, "kv"), (999, "file"), (None, "faiss")}
+                         (retok, "kv"), (999, "embedding"), (999, "kv"), (999, "file"), (None, "faiss")}
         report = verify(rc, repair=True)
-        assert not report.ok  # the lost chunk's file must be read again
-        assert [p.chunk_id for p in report.problems if not p.repaired] == [lost_id]
-        assert "run ragcache index" in next(p.fix for p in report.problems if not p.repaired)
+        assert not report.ok  # two files must be read again
+        left = [p for p in report.problems if not p.repaired]
+        assert [p.chunk_id for p in left] == [lost_id, retok]
+        assert all("run ragcache index on it" in p.fix for p in left)
         assert not rc.store.writing  # repair let go of the writer lock
-        assert rc.index([corpus_dir]).files_indexed == 1
+        assert rc.index([corpus_dir]).files_indexed == 2
         assert verify(rc).ok and not verify(rc).problems
         capsys.readouterr()
         after = rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=6, ignore_eos=True)
