@@ -224,9 +224,11 @@ class Store:
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
             except (lmdb.Error, OSError) as e:
-                why = "the disk is full" if isinstance(e, lmdb.DiskError) else str(e)
-                raise RagcacheError(f"cannot write to the index '{self.path}': {why}; everything committed "
-                                    "before is kept, and running the same command again resumes") from None
+                kept = "everything committed before is kept"
+                if isinstance(e, lmdb.DiskError):
+                    raise RagcacheError(f"cannot write to the index '{self.path}': the disk is full; {kept}: free "
+                                        "some space and run the same command again to resume") from None
+                raise RagcacheError(f"cannot write to the index '{self.path}': {e}; {kept}") from None
 
 
 def check(path: Path, must_exist: bool) -> bool:

@@ -200,8 +200,9 @@ def test_readers_keep_answering_while_index_writes(tmp_path, forks, many, model,
                     rc.index([corpus_dir])
                 refused = True
             assert len(rc.ask(QUESTION, top_k=3, max_new_tokens=2).sources) == 3
-            reply = client.post("/v1/chat/completions", json={"model": model.name, "messages": [{"role": "user", "content": QUESTION}],
-                                                              "max_tokens": 2, "rag": {"top_k": 2}})
+            chat = {"model": model.name, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2,
+                    "rag": {"top_k": 2}}
+            reply = client.post("/v1/chat/completions", json=chat)
             assert reply.status_code == 200 and len(reply.json()["sources"]) == 2
             counts.append(rc.store.count())
         assert forks.finish(pid)["code"] == 0
