@@ -26,7 +26,7 @@ from . import prompts
 from .engine import RagCache
 from .errors import RagcacheError
 from .model import dtype_name
-from .store import key, unkey
+from .store import unkey
 from .vectors import Vectors
 
 ENCODE_BATCH = 32  # chunks recomputed per call to the model

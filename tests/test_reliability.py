@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import lmdb
 import pytest
 from starlette.testclient import TestClient
 
