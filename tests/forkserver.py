@@ -27,7 +27,7 @@ def start(args: list[str], out: str, err: str) -> int:
     pid = os.fork()
     if pid:
         return pid
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python, even if our starter ignored it
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     code = 0
