@@ -1,4 +1,4 @@
-"""The `ragcache` command: index, ask, serve, info, eval. Errors the user can fix end as one line and exit 1."""
+"""The `ragcache` command: index, ask, serve, verify, info, eval. Errors the user can fix end as one line and exit 1."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from . import __version__, config, prompts
+from .corpus import MAX_FILE_MB
 from .errors import RagcacheError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -76,6 +77,7 @@ def index(
     embedder: Optional[Path] = typer.Option(None, "--embedder", help="Local sentence-transformers folder that "
                                             "embeds for retrieval instead of the model (the two-model baseline; "
                                             "KV attention then defaults to causal)"),
+    max_file_mb: float = typer.Option(MAX_FILE_MB, "--max-file-mb", help="Skip (and count) larger files"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why"),
@@ -86,19 +88,29 @@ def index(
         raise RagcacheError(f"unknown --kv-attention '{kv_attention}': use bidirectional or causal")
     if chunk_tokens is not None and chunk_tokens < 8:
         raise RagcacheError("--chunk-tokens must be at least 8")
-    from .corpus import check_paths
-    check_paths(corpus)  # before a model loads or an index is created
+    if max_file_mb <= 0:
+        raise RagcacheError("--max-file-mb must be more than 0")
+    from .corpus import discover
+    from .store import check, check_no_writer
+    found = discover(corpus)  # before a model loads or an index is created
+    path = config.resolve_index(index)
+    check_no_writer(path)
+    if not found.files and not check(path, must_exist=False):
+        raise RagcacheError(f"nothing to index: no .txt, .md, .jsonl or .json file in {', '.join(map(str, corpus))}"
+                            + (f" ({len(found.skipped)} other files skipped)" if found.skipped else ""))
     rc = _open(index, model, device, dtype, create=True, embedder=embedder)
     with rc:
         stats = rc.index(corpus, chunk_tokens=chunk_tokens, kv_attention=kv_attention, prune=prune,
-                         show_progress=not as_json and sys.stderr.isatty(), batch_size=batch_size)
+                         show_progress=not as_json and sys.stderr.isatty(), batch_size=batch_size,
+                         max_file_mb=max_file_mb)
     if as_json:
         typer.echo(json.dumps(stats.__dict__ | {"index": str(rc.store.path)}))
         return
     if verbose:
         for path, why in stats.skipped:
             typer.echo(f"skipped {path}: {why}", err=True)
-    typer.echo(stats.summary() + f" -> {rc.store.path}")
+    hint = " (--verbose lists them)" if stats.skipped and not verbose else ""
+    typer.echo(stats.summary() + hint + f" -> {rc.store.path}")
 
 
 @app.command()
@@ -173,6 +185,34 @@ def serve(
         import uvicorn
         typer.echo(f"serving {rc.store.path} with {rc.model.name} on http://{host}:{port}/v1", err=True)
         uvicorn.run(create_app(rc, api_key=api_key or None, limits=limits), host=host, port=port)
+
+
+@app.command()
+@_errors
+def verify(
+    index: Optional[str] = IndexOpt,
+    model: Optional[str] = ModelOpt,
+    repair: bool = typer.Option(False, "--repair", help="Recompute damaged caches and embeddings from the chunks' "
+                                "text, drop what cannot be recomputed, rebuild FAISS (takes the writer lock)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Check every chunk (KV header, decompression, checksum; embedding; file records), FAISS and the model."""
+    from .store import check_no_writer
+    from .verify import verify as check_index
+    if repair:
+        check_no_writer(config.resolve_index(index))  # before the model loads
+    with _open(index, model, device, dtype, create=False) as rc:
+        report = check_index(rc, repair=repair)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        for problem in report.problems:
+            typer.echo(problem.line())
+        typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()

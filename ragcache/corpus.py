@@ -12,6 +12,9 @@ from .errors import RagcacheError
 
 TEXT_SUFFIXES = {".txt", ".md"}
 JSON_SUFFIXES = {".jsonl", ".json"}
+# A bigger file is skipped (--max-file-mb raises the limit): it is read whole, and GritLM-7B stores
+# about 30 GB of KV cache per MB of text, so a file this large is far more often a mistake than a corpus.
+MAX_FILE_MB = 20.0
 
 
 @dataclass
@@ -31,6 +34,8 @@ def check_paths(paths: list[str | Path]) -> list[Path]:
     """The corpus roots, each of which must exist."""
     roots = [Path(raw).expanduser() for raw in paths]
     for raw, root in zip(paths, roots):
+        if root.is_symlink() and not root.exists():
+            raise RagcacheError(f"'{raw}' is a broken symbolic link, or a loop of them")
         if not root.exists():
             raise RagcacheError(f"no such file or folder: '{raw}'")
     return roots
@@ -40,16 +45,22 @@ def discover(paths: list[str | Path]) -> Discovery:
     """Expand files and folders (recursively, symlink loops cut) into the supported files, in order."""
     files, skipped, seen = [], [], set()
     for root in check_paths(paths):
-        candidates = [root] if root.is_file() else _walk(root)
+        candidates = _walk(root) if root.is_dir() else [root]
         for path in candidates:
-            real = path.resolve()
+            try:
+                real = path.resolve()
+            except (OSError, RuntimeError):  # Python before 3.13 raises RuntimeError on a loop
+                skipped.append((path, "a loop of symbolic links"))
+                continue
             if real in seen:
                 continue
             seen.add(real)
-            if path.suffix.lower() in TEXT_SUFFIXES | JSON_SUFFIXES:
-                files.append(path.absolute())
-            else:
+            if path.suffix.lower() not in TEXT_SUFFIXES | JSON_SUFFIXES:
                 skipped.append((path, f"unsupported file type '{path.suffix or '(none)'}'"))
+            elif not path.is_file():  # reading a pipe or a device would block or never end
+                skipped.append((path, "not a regular file" if path.exists() else "a broken symbolic link"))
+            else:
+                files.append(path.absolute())
     return Discovery(files, skipped)
 
 
@@ -65,6 +76,14 @@ def _walk(root: Path) -> list[Path]:
         out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     return out
+
+
+def read(path: Path, max_mb: float = MAX_FILE_MB) -> bytes:
+    """A file's bytes; a file over `max_mb` is refused before it is read."""
+    size = path.stat().st_size
+    if size > max_mb * 2**20:
+        raise RagcacheError(f"{size / 2**20:.1f} MB, over the {max_mb:g} MB limit (--max-file-mb raises it)")
+    return path.read_bytes()
 
 
 def content_hash(data: bytes) -> str:

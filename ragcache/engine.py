@@ -103,18 +103,41 @@ class RagCache:
         path = self.store.path / "vectors.faiss"
         vectors = Vectors.load(path, stamp)
         if vectors is None:
+            existed = path.exists()
             ids, vecs = self.store.embeddings()
             vectors = Vectors(self.embedder.dim if self.embedder else self.model.hf.config.hidden_size)
             vectors.add(ids, vecs)
-            if path.exists() and len(ids):
-                _warn(f"the vector index was out of date; rebuilt it from {len(ids)} stored embeddings")
+            if len(ids) and self._save_rebuilt(vectors, stamp):
+                _warn(f"the vector index was {'out of date' if existed else 'missing'} (an interrupted run?); "
+                      f"rebuilt it from {len(ids)} stored embeddings")
         self._vectors, self._vectors_stamp = vectors, stamp
         return vectors
+
+    def _save_rebuilt(self, vectors: Vectors, stamp: int) -> bool:
+        """Save a rebuilt view so that later opens load it; False when a live writer elsewhere made it stale.
+
+        That writer saves its own view when it ends, so there is nothing to report or save.
+        """
+        held = self.store.writing
+        try:
+            if not held:
+                self.store.lock_for_writing()
+        except RagcacheError:
+            return False
+        try:
+            if self.store.version() == stamp:  # nothing was committed since the embeddings were read
+                vectors.save(self.store.path / "vectors.faiss", stamp)
+        except RagcacheError:
+            pass  # a full disk or a read-only folder: the view in memory serves, and the next open rebuilds
+        finally:
+            if not held:
+                self.store.unlock()
+        return True
 
     # ---- indexing ------------------------------------------------------------------------------
     def index(self, paths: list[str | Path], chunk_tokens: int | None = None, kv_attention: str | None = None,
               prune: bool = True, show_progress: bool = False, batch_size: int = 8,
-              warn: Callable[[str], None] = _warn) -> indexer.IndexStats:
+              warn: Callable[[str], None] = _warn, max_file_mb: float = corpus.MAX_FILE_MB) -> indexer.IndexStats:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned."""
         corpus.check_paths(paths)  # before anything is written
         default_attention = "causal" if self.embedder else "bidirectional"  # a plain decoder's caches are causal
@@ -132,7 +155,7 @@ class RagCache:
             vectors = self.vectors()
             stats = indexer.run(self.store, self.model, vectors, paths, meta["chunk_tokens"], meta["kv_attention"],
                                 prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
-                                embedder=self.embedder)
+                                embedder=self.embedder, max_file_mb=max_file_mb)
             vectors.save(self.store.path / "vectors.faiss", self.store.version())
             self._vectors_stamp = self.store.version()
         finally:
@@ -179,6 +202,10 @@ class RagCache:
         `on_token` gets each new piece of text; returning True stops generation there.
         """
         _validate(question, mode, order, top_k, max_new_tokens)
+        asked = len(self.model.tokenize(question)) + max_new_tokens
+        if asked > self.model.max_context:  # refused before an embedding pass longer than the model can hold
+            raise RagcacheError(f"the question and answer need at least {asked} tokens, more than the model's "
+                                f"context of {self.model.max_context}")
         meta = self.meta
         if meta is None or self.store.count() == 0:
             if mode != "none":
@@ -202,6 +229,7 @@ class RagCache:
             record = self.store.chunk(cid)
             docs.append((cid, prompts.passage(record["title"], record["text"]), record["token_ids"], record))
         bos_ids = self.model.tokenize(self.model.bos) if self.model.bos else []
+        dropped = []  # (rank, record); said only once the layout fits, so a failure says one thing
         while True:
             layout = prompts.build_layout(mode, order, question, query_ids, [d[:3] for d in docs],
                                           self.model.tokenize, bos_ids, templates, kv_attention)
@@ -211,9 +239,11 @@ class RagCache:
             if not docs:
                 raise RagcacheError(f"the question and answer need {length} tokens, more than the model's "
                                     f"context of {self.model.max_context}")
-            dropped = docs.pop()
+            record = docs.pop()[3]
+            dropped.append((len(docs) + 1, record))
             hits = hits[: len(docs)]
-            _warn(f"dropped source '{dropped[3]['title'] or dropped[3]['source']}' (rank {len(docs) + 1}): "
+        for rank, record in reversed(dropped):
+            _warn(f"dropped source '{record['title'] or record['source']}' (rank {rank}): "
                   f"the layout would exceed the model's context of {self.model.max_context} tokens")
 
         t = time.perf_counter()

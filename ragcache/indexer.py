@@ -54,7 +54,8 @@ class _Pending:
 
 def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path], chunk_tokens: int,
         kv_attention: str, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
-        warn: Callable[[str], None] = lambda m: None, embedder: Embedder | None = None) -> IndexStats:
+        warn: Callable[[str], None] = lambda m: None, embedder: Embedder | None = None,
+        max_file_mb: float = corpus.MAX_FILE_MB) -> IndexStats:
     """Index `paths`; with `embedder`, it makes the retrieval vectors and the model only the KV caches."""
     t0 = time.perf_counter()
     stats = IndexStats()
@@ -66,7 +67,7 @@ def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path
     for path in found.files:
         source = str(path)
         try:
-            data = path.read_bytes()
+            data = corpus.read(path, max_file_mb)
             file_hash = corpus.content_hash(data)
             if known.get(source, {}).get("hash") == file_hash:
                 stats.files_unchanged += 1

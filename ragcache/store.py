@@ -12,7 +12,8 @@ Named databases:
   kv      id (u64 BE)       -> a KV blob (see kv.py): header + raw or zstd bytes
 
 A file's chunks, embeddings, KV blobs and its `files` record are written in one transaction, so a
-file is in the index whole or not at all.
+file is in the index whole or not at all, whenever the writer dies. Readers see the last committed
+snapshot while the one writer works; when another process has grown the map, a reader adopts its size.
 """
 
 from __future__ import annotations
@@ -39,27 +40,51 @@ def key(cid: int) -> bytes:
     return _ID.pack(cid)
 
 
+def unkey(raw: bytes | memoryview) -> int:
+    return _ID.unpack(raw)[0]
+
+
 class Store:
     def __init__(self, path: Path, create: bool):
         """Open the index at `path`, creating it when `create`; readers and the writer share one env."""
         self.path = path
-        exists = check(path, must_exist=not create)
+        check(path, must_exist=not create)
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=8, lock=True)
+            self.env.reader_check()  # free the reader slots of killed processes, which pin old pages
         except (OSError, lmdb.Error) as e:
             raise RagcacheError(f"cannot open the index at '{path}': {e}") from None
-        names = ("meta", "files", "chunks", "emb", "kv")
         try:
-            self.db = {n: self.env.open_db(n.encode(), create=not exists) for n in names}
-        except lmdb.Error:
-            raise RagcacheError(f"'{path}' is not a ragcache index") from None
+            self.db = self._open_dbs(create)
+        except BaseException:
+            self.env.close()
+            raise
         self._lock = None
+
+    def _open_dbs(self, create: bool) -> dict:
+        """The named databases; a writer creates those missing, as after a first run killed mid-creation."""
+        names = ("meta", "files", "chunks", "emb", "kv")
+        with self.env.begin() as txn:  # the main database holds the names of the others
+            held = {bytes(k) for k, _ in txn.cursor()}
+        if held - {n.encode() for n in names}:
+            raise RagcacheError(f"'{self.path}' is not a ragcache index")
+        if not create and len(held) < len(names):
+            raise RagcacheError(f"no index at '{self.path}'; build one with: ragcache index CORPUS -i {self.path}")
+        try:
+            return {n: self.env.open_db(n.encode(), create=create) for n in names}
+        except lmdb.Error as e:
+            raise RagcacheError(f"cannot open the index at '{self.path}': {e}") from None
 
     def lock_for_writing(self) -> None:
         """Become the index's one writer, or fail at once naming the process that is."""
         if self._lock is None:
             self._lock = _take_writer_lock(self.path / "writer.lock")
+
+    @property
+    def writing(self) -> bool:
+        """Whether this process holds the writer lock."""
+        return self._lock is not None
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -72,23 +97,23 @@ class Store:
 
     # ---- reads ---------------------------------------------------------------------------------
     def meta(self) -> dict | None:
-        with self.env.begin(db=self.db["meta"]) as txn:
+        with self._begin(db=self.db["meta"]) as txn:
             raw = txn.get(b"index")
         return json.loads(raw) if raw else None
 
     def files(self) -> dict[str, dict]:
-        with self.env.begin(db=self.db["files"]) as txn:
+        with self._begin(db=self.db["files"]) as txn:
             return {k.decode(): json.loads(v) for k, v in txn.cursor()}
 
     def chunk(self, cid: int) -> dict:
-        with self.env.begin(db=self.db["chunks"]) as txn:
+        with self._begin(db=self.db["chunks"]) as txn:
             raw = txn.get(key(cid))
         if raw is None:
             raise RagcacheError(f"chunk {cid} is missing from the index")
         return json.loads(raw)
 
     def kv_blob(self, cid: int) -> bytes:
-        with self.env.begin(db=self.db["kv"], buffers=True) as txn:
+        with self._begin(db=self.db["kv"], buffers=True) as txn:
             raw = txn.get(key(cid))
             if raw is None:
                 raise RagcacheError(f"the KV cache of chunk {cid} is missing from the index")
@@ -97,23 +122,29 @@ class Store:
     @contextlib.contextmanager
     def kv_views(self, cids: list[int]) -> Iterator[list[memoryview]]:
         """Zero-copy views of the KV blobs of `cids` in LMDB's memory map, valid only inside the block."""
-        with self.env.begin(db=self.db["kv"], buffers=True) as txn:
+        with self._begin(db=self.db["kv"], buffers=True) as txn:
             views = [txn.get(key(cid)) for cid in cids]
             missing = [cid for cid, v in zip(cids, views) if v is None]
             if missing:
                 raise RagcacheError(f"the KV cache of chunk {missing[0]} is missing from the index")
             yield views
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[lmdb.Transaction]:
+        """One read transaction over every database (values as buffers): a consistent view of the index."""
+        with self._begin(buffers=True) as txn:
+            yield txn
+
     def count(self) -> int:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return txn.stat(self.db["chunks"])["entries"]
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """All (ids, vectors) in id order: what FAISS is rebuilt from."""
         ids, vecs = [], []
-        with self.env.begin(db=self.db["emb"]) as txn:
+        with self._begin(db=self.db["emb"]) as txn:
             for k, v in txn.cursor():
-                ids.append(_ID.unpack(k)[0])
+                ids.append(unkey(k))
                 vecs.append(np.frombuffer(v, dtype=np.float32))
         return np.array(ids, dtype=np.int64), (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
 
@@ -144,6 +175,23 @@ class Store:
     def remove_file(self, source: str) -> list[int]:
         return self._write(lambda txn: self._drop(txn, source))
 
+    def put_parts(self, cid: int, emb: np.ndarray | None, blob: bytes | None) -> None:
+        """Rewrite a stored chunk's embedding and/or KV blob (verify --repair)."""
+        def work(txn):
+            if emb is not None:
+                txn.put(key(cid), np.asarray(emb, dtype=np.float32).tobytes(), db=self.db["emb"])
+            if blob is not None:
+                txn.put(key(cid), blob, db=self.db["kv"])
+        self._write(work)
+
+    def remove_chunks(self, ids: list[int]) -> None:
+        """Delete every part of chunks that no file owns (verify --repair)."""
+        def work(txn):
+            for cid in ids:
+                for name in ("chunks", "emb", "kv"):
+                    txn.delete(key(cid), db=self.db[name])
+        self._write(work)
+
     def _drop(self, txn, source: str) -> list[int]:
         raw = txn.get(source.encode(), db=self.db["files"])
         if raw is None:
@@ -155,14 +203,32 @@ class Store:
         txn.delete(source.encode(), db=self.db["files"])
         return ids
 
+    def _begin(self, **kwargs) -> lmdb.Transaction:
+        """A transaction; when another process has grown the map past ours, adopt its size first."""
+        try:
+            return self.env.begin(**kwargs)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)  # 0: the size the environment has now
+            return self.env.begin(**kwargs)
+
     def _write(self, work):
-        """Run `work(txn)` in one write transaction, growing the map and retrying when it is full."""
+        """Run `work(txn)` in one write transaction, growing the map and retrying when it is full.
+
+        Any other failure (a full disk, a read-only folder) aborts the transaction, so what was
+        committed before stays whole, and becomes one line that says so.
+        """
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._begin(write=True) as txn:
                     return work(txn)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except (lmdb.Error, OSError) as e:
+                kept = "everything committed before is kept"
+                if isinstance(e, lmdb.DiskError):
+                    raise RagcacheError(f"cannot write to the index '{self.path}': the disk is full; {kept}: free "
+                                        "some space and run the same command again to resume") from None
+                raise RagcacheError(f"cannot write to the index '{self.path}': {e}; {kept}") from None
 
 
 def check(path: Path, must_exist: bool) -> bool:
@@ -175,8 +241,22 @@ def check(path: Path, must_exist: bool) -> bool:
     return exists
 
 
-def _take_writer_lock(path: Path):
-    handle = open(path, "a+")
+def check_no_writer(path: Path) -> None:
+    """Fail at once, naming the process, when another process is writing the index at `path`.
+
+    Commands that will write call this before loading a model, which can take minutes; they take the
+    lock itself (lock_for_writing) once the model is loaded.
+    """
+    if (path / "writer.lock").exists():
+        _take_writer_lock(path / "writer.lock", claim=False).close()
+
+
+def _take_writer_lock(path: Path, claim: bool = True):
+    """The locked file, with our PID in it when we `claim` it; without, a probe that leaves the file as it was."""
+    try:
+        handle = open(path, "a+")
+    except OSError as e:
+        raise RagcacheError(f"cannot write to the index '{path.parent}': {e.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -184,8 +264,9 @@ def _take_writer_lock(path: Path):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RagcacheError(f"the index '{path.parent}' is being written by process {holder}; wait for it to finish") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+    if claim:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
     return handle

@@ -12,6 +12,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .errors import RagcacheError
+
 
 class Vectors:
     def __init__(self, dim: int):
@@ -37,11 +39,22 @@ class Vectors:
         scores, ids = self.index.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
+    def contents(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) held, in the order they were added."""
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return ids, self.index.index.reconstruct_n(0, len(self)) if len(self) else np.zeros((0, self.dim), np.float32)
+
     def save(self, path: Path, stamp: int) -> None:
+        """Write the view and its stamp; a reader never sees a half-written index file."""
         tmp = path.with_suffix(".tmp")
-        faiss.write_index(self.index, str(tmp))
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps({"stamp": stamp, "dim": self.dim}))
+        try:
+            faiss.write_index(self.index, str(tmp))
+            tmp.replace(path)
+            path.with_suffix(".json").write_text(json.dumps({"stamp": stamp, "dim": self.dim}))
+        except (OSError, RuntimeError) as e:  # faiss reports a failed write as RuntimeError
+            why = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
+            raise RagcacheError(f"cannot save the vector index '{path}' ({why}); the stored chunks are safe "
+                                "and it is rebuilt from them when the index is next opened") from None
 
     @classmethod
     def load(cls, path: Path, stamp: int) -> "Vectors | None":

@@ -1,11 +1,28 @@
 """Damage, crashes and concurrency: the index explains itself and loses nothing."""
 
-import pytest
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from ragcache import RagCache
-from ragcache.store import key
+import pytest
+from starlette.testclient import TestClient
+
+from ragcache import RagCache, RagcacheError
+from ragcache import store as storelib
+from ragcache.server import create_app
+from ragcache.store import key, unkey
+from ragcache.vectors import Vectors
+from ragcache.verify import verify
 
 QUESTION = "What is the capital of France?"
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "Paris is the capital of France and it lies on the Seine river in the north of the country".split()
 
 
 def _damage(rc: RagCache, cid: int, how: str) -> None:
@@ -20,6 +37,203 @@ def _damage(rc: RagCache, cid: int, how: str) -> None:
         txn.put(key(cid), bytes(blob))
 
 
+def _many_files(root: Path, n: int) -> Path:
+    """n small text files of three paragraphs each: about six 24-token chunks per file."""
+    rng = random.Random(0)
+    root.mkdir()
+    for i in range(n):
+        paragraphs = (" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(3))
+        (root / f"d{i:03d}.txt").write_text("\n\n".join(paragraphs))
+    return root
+
+
+def _spans(rc: RagCache) -> dict[str, list[tuple]]:
+    """Each file's stored chunks as (start, end, text), in order."""
+    return {source: [(c["start"], c["end"], c["text"]) for c in map(rc.store.chunk, rec["chunks"])]
+            for source, rec in rc.store.files().items()}
+
+
+class Forks:
+    """Client of tests/forkserver.py: real CLI runs in forked children, signalled at chosen moments."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+    def _ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def start(self, *args) -> int:
+        return self._ask(start=[str(a) for a in args], out=str(self.tmp / "out"), err=str(self.tmp / "err"))["pid"]
+
+    def finish(self, pid: int, sig: int | None = None, ready: Path | None = None, size: int = 1,
+               delay: float = 0.0) -> dict:
+        reply = self._ask(pid=pid, signal=sig, ready=str(ready) if ready else None, size=size, delay=delay)
+        return reply | {"out": (self.tmp / "out").read_text(), "err": (self.tmp / "err").read_text()}
+
+    def run(self, *args, sig: int | None = None, ready: Path | None = None, size: int = 1, delay: float = 0.0) -> dict:
+        return self.finish(self.start(*args), sig, ready, size, delay)
+
+
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
+    forks = Forks(tmp_path_factory.mktemp("forks"))
+    yield forks
+    forks.proc.stdin.close()
+    forks.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, model):
+    """A corpus of 20 files, its chunks as an uninterrupted run stores them, and the size of that index."""
+    corpus = _many_files(tmp_path_factory.mktemp("many") / "corpus", 20)
+    with RagCache.open(corpus.parent / "reference", model=model) as rc:
+        rc.index([corpus], chunk_tokens=24)
+        return corpus, _spans(rc), (corpus.parent / "reference" / "data.mdb").stat().st_size
+
+
+def _check_invariants(path: Path, model, reference: dict, capsys) -> int:
+    """Everything a killed run must leave: returns how many files the index holds."""
+    capsys.readouterr()
+    with RagCache.open(path, model=model) as rc:
+        store = rc.store
+        with store.snapshot() as txn:
+            ids = {name: {unkey(k) for k, _ in txn.cursor(db=store.db[name])} for name in ("chunks", "emb", "kv")}
+        assert ids["chunks"] == ids["emb"] == ids["kv"]  # a chunk's text, embedding and KV: all or none
+        files = store.files()
+        listed = [cid for rec in files.values() for cid in rec["chunks"]]
+        assert sorted(listed) == sorted(ids["chunks"])  # every chunk in exactly one file; every listed one there
+        stored = _spans(rc)
+        assert all(stored[source] == reference[source] for source in stored)  # whole files only
+
+        stale = Vectors.load(path / "vectors.faiss", store.version()) is None
+        assert len(rc.vectors()) == len(ids["chunks"])  # FAISS agrees, or is rebuilt from LMDB...
+        assert ("rebuilt it from" in capsys.readouterr().err) == (stale and bool(listed))  # ...saying so
+        if rc.meta is not None:
+            assert verify(rc).ok, verify(rc).problems  # every blob's header and checksum; FAISS saved again
+        if listed:
+            assert rc.ask(QUESTION, top_k=2, max_new_tokens=2).sources
+        else:
+            with pytest.raises(RagcacheError, match="holds no documents|is empty"):
+                rc.ask(QUESTION, top_k=2, max_new_tokens=2)
+        return len(files)
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_resumes(tmp_path, forks, many, model, model_dir, capsys):
+    """`index` killed at random moments, over and over: each time the index is whole, and a resume completes it.
+
+    A moment is a random point of the run's progress, not of the clock, which a busy machine stretches
+    tenfold: the kill comes when LMDB's file has grown to a random size between what it holds and what
+    the whole corpus takes (often in the middle of a commit, between its pages and its meta page),
+    plus up to 20 ms.
+    """
+    corpus, reference, full_size = many
+    idx = tmp_path / "idx"
+    rng = random.Random(11)
+    kills, partial, held = 0, 0, 0
+    for _ in range(40):
+        size = (idx / "data.mdb").stat().st_size if (idx / "data.mdb").exists() else 0
+        target = size + int(rng.uniform(0, 1) * full_size * (1 - held / len(reference)))
+        run = forks.run("index", corpus, "-i", idx, "-m", model_dir, "--chunk-tokens", "24", sig=signal.SIGKILL,
+                        ready=idx / "data.mdb", size=max(target, 1), delay=rng.uniform(0, 0.02))
+        held = _check_invariants(idx, model, reference, capsys)
+        if run["signalled"]:
+            kills += 1
+            partial += 0 < held < len(reference)
+            if kills >= 10:
+                break
+        else:  # it finished before the kill: begin again on a fresh index
+            assert run["code"] == 0 and held == len(reference), run
+            shutil.rmtree(idx)
+            held = 0
+    assert kills >= 10 and partial >= 3, (kills, partial)
+
+    with RagCache.open(idx, model=model) as rc:
+        before = {source: rec["chunks"] for source, rec in rc.store.files().items()}
+        stats = rc.index([corpus], chunk_tokens=24)
+        assert (stats.files_unchanged, stats.files_indexed) == (len(before), len(reference) - len(before))
+        after = rc.store.files()
+        assert all(after[source]["chunks"] == ids for source, ids in before.items())  # nothing redone
+        assert _spans(rc) == reference  # nothing missing, nothing twice
+        assert rc.store.count() == sum(map(len, reference.values()))
+
+
+def test_ctrl_c_during_index_and_ask(tmp_path, forks, many, model, model_dir, capsys):
+    corpus, reference, full_size = many
+    idx = tmp_path / "idx"
+    run = forks.run("index", corpus, "-i", idx, "-m", model_dir, "--chunk-tokens", "24", sig=signal.SIGINT,
+                    ready=idx / "data.mdb", size=full_size // 2)  # half way
+    assert run["signalled"] and run["code"] == 130, run
+    assert run["err"].strip() == "interrupted"
+    held = _check_invariants(idx, model, reference, capsys)
+    assert 0 < held < len(reference)
+
+    # a long answer, interrupted once it streams
+    run = forks.run("ask", QUESTION, "-i", idx, "-k", "1", "--max-new-tokens", "3000", sig=signal.SIGINT,
+                    ready=forks.tmp / "out", delay=0.05)
+    assert run["signalled"] and run["code"] == 130, run
+    assert run["err"].strip() == "interrupted" and run["out"]
+    assert _check_invariants(idx, model, reference, capsys) == held
+
+
+def test_readers_keep_answering_while_index_writes(tmp_path, forks, many, model, model_dir, corpus_dir, monkeypatch):
+    """ask and serve answer from consistent snapshots while another process indexes, even as it grows the map;
+    a second writer is refused at once, naming the first."""
+    corpus, reference, _ = many
+    idx = tmp_path / "idx"
+    monkeypatch.setattr(storelib, "_MAP_SIZE", 1 << 20)  # this process maps 1 MiB; the writer's data outgrows it
+    with RagCache.open(idx, model=model) as rc:
+        rc.index([corpus_dir], chunk_tokens=24)
+        first = rc.store.count()
+        client = TestClient(create_app(rc))
+        pid = forks.start("index", corpus, "-i", idx, "--chunk-tokens", "24")
+        counts, refused = [], False
+        deadline = time.monotonic() + 120
+        while rc.store.count() < first + sum(map(len, reference.values())):
+            assert time.monotonic() < deadline
+            if not refused and rc.store.count() > first:  # the writer has committed, so it holds the lock
+                with pytest.raises(RagcacheError, match=f"being written by process {pid}"):
+                    rc.index([corpus_dir])
+                refused = True
+            assert len(rc.ask(QUESTION, top_k=3, max_new_tokens=2).sources) == 3
+            chat = {"model": model.name, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2,
+                    "rag": {"top_k": 2}}
+            reply = client.post("/v1/chat/completions", json=chat)
+            assert reply.status_code == 200 and len(reply.json()["sources"]) == 2
+            counts.append(rc.store.count())
+        assert forks.finish(pid)["code"] == 0
+        assert counts == sorted(counts) and any(first < c < counts[-1] for c in counts), counts
+        assert rc.store.env.info()["map_size"] > 1 << 20  # adopted the writer's larger map
+        assert verify(rc).ok
+
+
+def test_second_index_is_refused_at_once_naming_the_writer(tmp_path, forks, model, model_dir, corpus_dir):
+    idx = tmp_path / "idx"
+    with RagCache.open(idx, model=model) as rc:
+        rc.index([corpus_dir])
+        rc.store.lock_for_writing()  # as an `index` run holds it
+        run = forks.run("index", corpus_dir, "-i", idx)
+        assert run["code"] == 1
+        assert run["err"].strip() == (f"error: the index '{idx}' is being written by process {os.getpid()}; "
+                                      "wait for it to finish")
+        run = forks.run("verify", "-i", idx, "--repair")
+        assert run["code"] == 1 and f"process {os.getpid()}" in run["err"]
+        assert forks.run("verify", "-i", idx)["code"] == 0  # checking alone needs no lock
+        rc.store.unlock()
+
+
+def test_full_map_grows(tmp_path, many, model, monkeypatch):
+    corpus, reference, _ = many
+    monkeypatch.setattr(storelib, "_MAP_SIZE", 1 << 17)
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        rc.index([corpus], chunk_tokens=24)
+        assert rc.store.env.info()["map_size"] >= 1 << 20
+        assert _spans(rc) == reference
+
+
 @pytest.mark.parametrize("how", ["flip", "truncate", "header"])
 def test_damaged_cache_is_recomputed_from_text_with_a_warning(tmp_path, model, corpus_dir, capsys, how):
     with RagCache.open(tmp_path / "idx", model=model) as rc:
@@ -32,3 +246,68 @@ def test_damaged_cache_is_recomputed_from_text_with_a_warning(tmp_path, model, c
     assert (after.first_logits - before.first_logits).abs().max().item() < 1e-4
     err = capsys.readouterr().err
     assert err.count("damaged") == 1 and f"chunk {before.sources[0]['chunk_id']}" in err
+
+
+def test_verify_finds_every_kind_of_damage_and_repair_mends_it(tmp_path, model, corpus_dir, capsys):
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        rc.index([corpus_dir], chunk_tokens=24)
+        assert verify(rc).ok and not verify(rc).problems
+        before = rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=6, ignore_eos=True)
+        ids = sorted(rc.store.embeddings()[0].tolist())
+        files = rc.store.files()
+        lost = next(source for source, rec in files.items() if len(rec["chunks"]) == 1)  # loses its only chunk
+        lost_id = files[lost]["chunks"][0]
+        flip, cut, junk, no_emb = [i for i in ids if i != lost_id][:4]
+        retok = ids[-1]  # its record's tokens no longer match its text, so its cache cannot be recomputed
+        owner = {cid: source for source, rec in files.items() for cid in rec["chunks"]}
+        assert owner[retok] not in {owner[i] for i in (lost_id, flip, cut, junk, no_emb)}
+        for cid, how in ((flip, "flip"), (cut, "truncate"), (junk, "header")):
+            _damage(rc, cid, how)
+        record = rc.store.chunk(retok)
+        with rc.store.env.begin(write=True) as txn:
+            txn.delete(key(no_emb), db=rc.store.db["emb"])
+            txn.delete(key(lost_id), db=rc.store.db["chunks"])
+            txn.put(key(999), b'{"text": "stray", "title": "", "token_ids": [1]}', db=rc.store.db["chunks"])
+            txn.put(key(retok), json.dumps(record | {"token_ids": record["token_ids"] + [5]}).encode(),
+                    db=rc.store.db["chunks"])
+
+        found = {(p.chunk_id, p.part) for p in verify(rc).problems}
+        assert found == {(flip, "kv"), (cut, "kv"), (junk, "kv"), (no_emb, "embedding"), (lost_id, "record"),
+                         (retok, "kv"), (999, "embedding"), (999, "kv"), (999, "file"), (None, "faiss")}
+        report = verify(rc, repair=True)
+        assert not report.ok  # two files must be read again
+        left = [p for p in report.problems if not p.repaired]
+        assert [p.chunk_id for p in left] == [lost_id, retok]
+        assert all("run ragcache index on it" in p.fix for p in left)
+        assert not rc.store.writing  # repair let go of the writer lock
+        assert rc.index([corpus_dir]).files_indexed == 2
+        assert verify(rc).ok and not verify(rc).problems
+        capsys.readouterr()
+        after = rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=6, ignore_eos=True)
+        assert "damaged" not in capsys.readouterr().err  # mended on disk, not recomputed on the fly
+        assert after.token_ids == before.token_ids
+
+
+def test_verify_cli(tmp_path, model, model_dir, corpus_dir):
+    from typer.testing import CliRunner
+
+    from ragcache.cli import app
+    idx = tmp_path / "idx"
+    with RagCache.open(idx, model=model) as rc:
+        rc.index([corpus_dir], chunk_tokens=24)
+        cid = rc.store.embeddings()[0][0]
+        _damage(rc, int(cid), "flip")
+    runner = CliRunner()
+    result = runner.invoke(app, ["verify", "-i", str(idx)])
+    assert result.exit_code == 1
+    assert f"chunk {cid}: kv: KV blob fails its checksum" in result.output
+    result = runner.invoke(app, ["verify", "-i", str(idx), "--repair", "--json"])
+    out = json.loads(result.output)
+    assert result.exit_code == 0 and out["ok"] and {p["chunk_id"] for p in out["problems"]} == {cid, None}
+    result = runner.invoke(app, ["verify", "-i", str(idx)])
+    assert result.exit_code == 0 and result.output.strip().endswith("no problems")
+    other = tmp_path / "other"
+    from conftest import build_model
+    build_model(other, seed=7)
+    result = runner.invoke(app, ["verify", "-i", str(idx), "-m", str(other)])
+    assert result.exit_code == 1 and "fingerprint" in result.output and len(result.output.strip().splitlines()) == 1

@@ -1,0 +1,222 @@
+"""`ragcache verify`: check every stored chunk against the on-disk format, and mend what is damaged.
+
+Per chunk: its record parses; its embedding is present, of the index's dimension, finite and of unit
+length; its KV blob has our header, decompresses, matches its xxh3 checksum and holds exactly the
+chunk's tokens for the index's model and dtype; exactly one file record owns it, and every chunk a
+file record lists exists. Then the saved FAISS view must hold the same ids and vectors as LMDB. The
+model's fingerprint is checked when the index is opened (RagCache.open refuses any other model).
+
+All checks read one LMDB snapshot, so a concurrent `index` cannot make them disagree with each other.
+
+repair=True, under the writer lock: a damaged or missing KV blob or embedding is recomputed from the
+chunk's text with the index's model and KV attention. A chunk whose text is lost cannot be, so the
+record of the file it came from is dropped and `ragcache index` reads that file again. Parts that no
+file owns are deleted. Last, FAISS is rebuilt from LMDB and saved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import kv as kvlib
+from . import prompts
+from .engine import RagCache
+from .errors import RagcacheError
+from .model import dtype_name
+from .store import unkey
+from .vectors import Vectors
+
+ENCODE_BATCH = 32  # chunks recomputed per call to the model
+
+
+@dataclass
+class Problem:
+    chunk_id: int | None  # None: the index as a whole
+    part: str  # record, embedding, kv, file or faiss
+    what: str
+    fix: str = ""  # what repair did, or what is left to do
+    repaired: bool = False
+
+    def line(self) -> str:
+        where = f"chunk {self.chunk_id}" if self.chunk_id is not None else "index"
+        return f"{where}: {self.part}: {self.what}" + (f" -> {self.fix}" if self.fix else "")
+
+
+@dataclass
+class Report:
+    chunks: int = 0
+    files: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing is wrong, or everything wrong was repaired."""
+        return all(p.repaired for p in self.problems)
+
+    def summary(self) -> str:
+        repaired = sum(p.repaired for p in self.problems)
+        found = f"{len(self.problems)} problem{'s' * (len(self.problems) != 1)}" if self.problems else "no problems"
+        return (f"checked {self.chunks} chunks from {self.files} files: {found}"
+                + (f", {repaired} repaired" if repaired else ""))
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "chunks": self.chunks, "files": self.files,
+                "problems": [asdict(p) for p in self.problems]}
+
+
+def verify(rc: RagCache, repair: bool = False) -> Report:
+    """Check the index behind `rc`; with `repair`, mend what can be mended (see the module docstring)."""
+    held = rc.store.writing
+    if repair and not held:
+        rc.store.lock_for_writing()  # fails at once, naming the process, while an `index` runs
+    try:
+        report, found = _check(rc)
+        if repair:
+            _repair(rc, found)
+    finally:
+        if repair and not held:
+            rc.store.unlock()
+    return report
+
+
+@dataclass
+class _Found:
+    """What the check found, by the repair each needs."""
+    problems: dict[int, list[Problem]] = field(default_factory=dict)  # chunk id -> its problems
+    recompute: dict[int, tuple[set[str], str]] = field(default_factory=dict)  # id -> ({"kv", "embedding"}, file)
+    drop_files: dict[str, set[int]] = field(default_factory=dict)  # file -> its chunks that cannot be mended
+    orphans: set[int] = field(default_factory=set)  # chunks no file owns
+    faiss: Problem | None = None
+
+
+def _check(rc: RagCache) -> tuple[Report, _Found]:
+    store, meta = rc.store, rc.meta
+    if meta is None:
+        raise RagcacheError(f"index '{store.path}' is empty: there is nothing to verify")
+    report, found = Report(), _Found()
+    dim, built = meta["dim"], meta["model"]
+
+    def problem(cid: int | None, part: str, what: str) -> Problem:
+        p = Problem(cid, part, what)
+        report.problems.append(p)
+        found.problems.setdefault(cid, []).append(p)
+        return p
+
+    with store.snapshot() as txn:
+        tokens: dict[int, int] = {}  # chunk id -> token count, for sound records
+        records = set()
+        for k, v in txn.cursor(db=store.db["chunks"]):
+            cid = unkey(k)
+            records.add(cid)
+            try:
+                record = json.loads(bytes(v))
+                if not all(isinstance(record[f], t) for f, t in (("text", str), ("title", str), ("token_ids", list))):
+                    raise TypeError
+                tokens[cid] = len(record["token_ids"])
+            except (ValueError, TypeError, KeyError):
+                problem(cid, "record", "does not parse: the chunk's text is lost")
+        vectors: dict[int, np.ndarray] = {}
+        for k, v in txn.cursor(db=store.db["emb"]):
+            cid = unkey(k)
+            if len(v) != 4 * dim:
+                problem(cid, "embedding", f"holds {len(v)} bytes, not {4 * dim}")
+                continue
+            vectors[cid] = np.frombuffer(v, dtype=np.float32).copy()
+            if not np.isfinite(vectors[cid]).all() or abs(float(np.linalg.norm(vectors[cid])) - 1) > 1e-3:
+                problem(cid, "embedding", "is not a finite unit vector")
+        blobs = set()
+        for k, v in txn.cursor(db=store.db["kv"]):
+            cid = unkey(k)
+            blobs.add(cid)
+            try:
+                kv = kvlib.deserialize(v)  # header, decompression, checksum
+                expected = (built["layers"], 2, built["kv_heads"], tokens.get(cid, kv.shape[3]))
+                if tuple(kv.shape[:4]) != expected or dtype_name(kv.dtype) != built["dtype"]:
+                    raise kvlib.CorruptKV(f"KV blob holds {dtype_name(kv.dtype)} {tuple(kv.shape)}, not "
+                                          f"{built['dtype']} {expected + (kv.shape[4],)}")
+            except RagcacheError as e:
+                problem(cid, "kv", str(e))
+        for cid in sorted(records - vectors.keys()):
+            if not any(p.part == "embedding" for p in found.problems.get(cid, [])):  # not there at all
+                problem(cid, "embedding", "is missing")
+        for cid in sorted(records - blobs):
+            problem(cid, "kv", "is missing")
+        for cid in sorted((vectors.keys() | blobs) - records):
+            problem(cid, "record", "is missing: the chunk's text is lost")
+
+        owners: dict[int, list[str]] = {}
+        for k, v in txn.cursor(db=store.db["files"]):
+            source = bytes(k).decode()
+            report.files += 1
+            for cid in json.loads(bytes(v))["chunks"]:
+                owners.setdefault(cid, []).append(source)
+                if cid not in records and cid not in found.problems:  # else its record's problem says it
+                    problem(cid, "file", f"'{source}' lists it, but it is not stored")
+        for cid in sorted(records):
+            if len(owners.get(cid, [])) > 1:
+                problem(cid, "file", f"is listed by {len(owners[cid])} files")
+        stamp = txn.id()
+
+    report.chunks = len(records)
+    for cid, ps in found.problems.items():
+        mine = owners.get(cid, [])
+        if cid in tokens and len(mine) == 1:  # its text is there
+            found.recompute[cid] = ({p.part for p in ps}, mine[0])
+        elif mine:  # its text is lost, or two files claim it: read those files again
+            for source in mine:
+                found.drop_files.setdefault(source, set()).add(cid)
+        else:
+            found.orphans.add(cid)
+    for cid in sorted(records - owners.keys()):
+        problem(cid, "file", "no file owns it")
+        found.orphans.add(cid)
+
+    report.problems.sort(key=lambda p: (p.chunk_id is None, p.chunk_id or 0))  # stable: by chunk, then part
+    saved = Vectors.load(store.path / "vectors.faiss", stamp)
+    if saved is None and vectors:  # with no embeddings, there is nothing for a view to disagree with
+        found.faiss = problem(None, "faiss", "missing or older than LMDB (it is rebuilt when the index is opened)")
+    elif saved is not None:
+        ids, vecs = saved.contents()
+        same = sorted(ids.tolist()) == sorted(vectors) and all(
+            np.array_equal(v, vectors[int(i)]) for i, v in zip(ids, vecs))
+        if not same:
+            found.faiss = problem(None, "faiss", "does not hold the same vectors as LMDB")
+    return report, found
+
+
+def _repair(rc: RagCache, found: _Found) -> None:
+    store, meta = rc.store, rc.meta
+
+    def mark(cid: int, fix: str, repaired: bool) -> None:
+        for p in found.problems[cid]:
+            p.fix, p.repaired = fix, repaired
+
+    todo = list(found.recompute.items())
+    for b in range(0, len(todo), ENCODE_BATCH):
+        batch = todo[b : b + ENCODE_BATCH]
+        records = [store.chunk(cid) for cid, _ in batch]
+        encoded = rc.model.encode([prompts.passage(r["title"], r["text"]) for r in records], kv=meta["kv_attention"])
+        for (cid, (parts, source)), record, enc in zip(batch, records, encoded):
+            if enc.token_ids != record["token_ids"]:  # the text no longer yields its cache: read the file anew
+                found.drop_files.setdefault(source, set()).add(cid)
+                continue
+            store.put_parts(cid, enc.embedding if "embedding" in parts else None,
+                            kvlib.serialize(enc.kv) if "kv" in parts else None)
+            mark(cid, "recomputed from the chunk's text", True)
+    for source, cids in sorted(found.drop_files.items()):
+        store.remove_file(source)
+        for cid in cids:
+            mark(cid, f"dropped the record of '{source}': run ragcache index on it to read it again", False)
+    if found.orphans:
+        store.remove_chunks(sorted(found.orphans))
+    for cid in found.orphans:
+        mark(cid, "deleted: no file owns it", True)
+    ids, vecs = store.embeddings()
+    vectors = Vectors(meta["dim"])
+    vectors.add(ids, vecs)
+    vectors.save(store.path / "vectors.faiss", store.version())
+    if found.faiss is not None:
+        found.faiss.fix, found.faiss.repaired = "rebuilt from LMDB", True
