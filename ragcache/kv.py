@@ -2,7 +2,7 @@
 
 A segment's cache is one tensor shaped (layers, 2, kv_heads, tokens, head_dim): index 0 of the
 second axis holds keys, index 1 values. Keys are stored already rotated (RoPE) for positions
-0..tokens-1, exactly as the model computed them for the segment alone; `rerotate` moves them to
+0..tokens-1, exactly as the model computed them for the segment alone; `rotate_keys` moves them to
 the segment's real offset in an assembled sequence.
 
 On disk a blob is a fixed header followed by the tensor's bytes, raw or compressed:
@@ -89,39 +89,36 @@ class ReservedLayer(DynamicLayer):
 def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, room: int) -> Cache:
     """A batch-1 cache holding `parts` side by side, each re-rotated to its offset, with `room` to spare.
 
-    parts: (layers, 2, kv_heads, tokens, head_dim) each, in sequence order.
+    parts: (layers, 2, kv_heads, tokens, head_dim) each, in sequence order. Each part is copied once,
+    into the cache; only keys that move are computed anew.
     """
     total = sum(p.shape[3] for p in parts)
     cache = Cache(layers=[ReservedLayer(total + room) for _ in range(layers)])
     offset = 0
     for kv in parts:
-        kv = rerotate(kv, offset, inv_freq)
-        for layer, (keys, values) in zip(cache.layers, kv):
-            layer.update(keys[None], values[None])
+        keys = rotate_keys(kv[:, 0], offset, inv_freq)  # (layers, kv_heads, tokens, head_dim)
+        for layer, k, v in zip(cache.layers, keys, kv[:, 1]):
+            layer.update(k[None], v[None])
         offset += kv.shape[3]
     return cache
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rerotate(kv: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Return kv with keys moved from positions 0.. to offset.. (values are position-free).
+def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Keys (..., tokens, head_dim) computed at positions 0.. moved to offset..
 
     RoPE rotations compose additively, so rotating every key by `offset` angles turns the cache of a
     segment encoded alone into the cache of the same segment placed at `offset`. One vectorised step
     over all layers and heads, in float32 to keep bf16 keys from drifting.
     """
     if offset == 0:
-        return kv
-    angles = offset * inv_freq.to(device=kv.device, dtype=torch.float32)  # (head_dim/2,)
-    angles = torch.cat((angles, angles))  # (head_dim,)
+        return keys
+    angles = offset * inv_freq.to(device=keys.device, dtype=torch.float32)  # (head_dim/2,)
     cos, sin = angles.cos(), angles.sin()
-    keys = kv[:, 0].float()  # (layers, kv_heads, tokens, head_dim)
-    rotated = (keys * cos + _rotate_half(keys) * sin).to(kv.dtype)
-    return torch.stack((rotated, kv[:, 1]), dim=1)
+    x = keys.float()
+    half = x.shape[-1] // 2
+    lo, hi = x[..., :half], x[..., half:]
+    # (lo, hi) -> (lo cos - hi sin, hi cos + lo sin): rotate_half written out, without its copies
+    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1).to(keys.dtype)
 
 
 def serialize(kv: torch.Tensor) -> bytes:
