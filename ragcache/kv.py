@@ -96,9 +96,8 @@ def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, roo
     cache = Cache(layers=[ReservedLayer(total + room) for _ in range(layers)])
     offset = 0
     for kv in parts:
-        keys = rotate_keys(kv[:, 0], offset, inv_freq)  # (layers, kv_heads, tokens, head_dim)
-        for layer, k, v in zip(cache.layers, keys, kv[:, 1]):
-            layer.update(k[None], v[None])
+        for layer, (keys, values) in zip(cache.layers, kv):  # layer by layer: the working set stays in cache
+            layer.update(rotate_keys(keys, offset, inv_freq)[None], values[None])  # (1, kv_heads, tokens, head_dim)
         offset += kv.shape[3]
     return cache
 
