@@ -66,7 +66,7 @@ def main() -> None:
     src.add_argument("--model", help="local model directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
     p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER)
-    p.add_argument("--docs", type=int, default=48, help="documents to index")
+    p.add_argument("--docs", type=int, default=24, help="documents to index")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
