@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import xxhash
 import zstandard
+from transformers import AutoTokenizer
 
 from latency import SHAPES, SHARED_TOKENIZER, build_shape, text_of
 from ragcache import GritModel, RagCache
@@ -81,13 +82,14 @@ def lmdb_overhead(model: GritModel, texts: list[str], workdir: Path) -> dict:
             "disk_bytes_per_token": disk / stats.tokens, "overhead": disk / blobs - 1}
 
 
-def squad_tokens_per_100_words(model: GritModel) -> float | None:
-    """Tokens in a 100-word Wikipedia passage (DPR's unit, BEIR-NQ's corpus), from the SQuAD sample."""
-    if not SQUAD.is_file():
+def squad_tokens_per_100_words(tokenizer_dir: Path) -> float | None:
+    """Mistral tokens (GritLM-7B's) in a 100-word Wikipedia passage (DPR's unit, BEIR-NQ's), from the SQuAD sample."""
+    if not SQUAD.is_file() or not tokenizer_dir.is_dir():
         return None
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     paras = [p["context"] for a in json.loads(SQUAD.read_text())["data"] for p in a["paragraphs"]]
     words = sum(len(p.split()) for p in paras)
-    return 100 * sum(len(model.tokenize(p)) for p in paras) / words
+    return 100 * sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in paras) / words
 
 
 def main() -> None:
@@ -95,7 +97,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local model directory")
     src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
-    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER)
+    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="for --shape, and the projection's token counts")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--tokens", type=int, default=1000, help="tokens in the measured segment")
     p.add_argument("--passages", type=int, default=BEIR_NQ_PASSAGES, help="corpus size to project")
@@ -111,7 +113,7 @@ def main() -> None:
             kv = model.encode([text_of(model, n, seed=1)], kv="bidirectional")[0].kv
             texts = [text_of(model, 200, seed=s) for s in range(16)]
             report[dtype] = {"codecs": codecs(kv), "lmdb": lmdb_overhead(model, texts, tmp / dtype)}
-        per_100 = squad_tokens_per_100_words(model)
+        per_100 = squad_tokens_per_100_words(args.tokenizer)
 
     print(f"model: {args.model or args.shape or 'cpu-small'}")
     for dtype, r in report.items():
