@@ -345,6 +345,9 @@ class RagCache:
             hidden, cache = model.forward(ids, torch.tensor([[position]], device=model.device), None, cache)
             logits = model.logits(hidden[0, -1])
             position += 1
+        rest = model.decode(tokens)[len(shown):] if on_token is not None else ""
+        if rest:  # generation ended inside a split character: stream what the answer itself holds
+            on_token(rest)
         return tokens, time.perf_counter() - t0
 
 

@@ -202,3 +202,13 @@ def test_streamed_pieces_never_split_a_character(rc, monkeypatch):
     answer = rc.ask(QUESTION, mode="none", max_new_tokens=len(rc.model.tokenize("a 🦀 b")), ignore_eos=True,
                     on_token=pieces.append)
     assert answer.answer == "a 🦀 b" and "".join(pieces) == "a 🦀 b"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_text_is_the_answer(rc, mode):
+    """What on_token streams, joined, is the answer, even when it ends inside a split character."""
+    for seed in range(3):
+        pieces = []
+        answer = rc.ask(QUESTION, mode=mode, top_k=2, max_new_tokens=7, temperature=1.0, seed=seed,
+                        ignore_eos=True, on_token=pieces.append)
+        assert "".join(pieces) == answer.answer
