@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from latency import SHAPES, SHARED_TOKENIZER, build_shape, text_of
+from latency import add_model_args, model_dir, text_of
 from ragcache import GritModel, RagCache, prompts
 
 SCIFACT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
@@ -62,10 +62,7 @@ def floor_rate(model: GritModel, passages: list[str], batch_size: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="local model directory")
-    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
-    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER)
+    add_model_args(p)
     p.add_argument("--docs", type=int, default=24, help="documents to index")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -77,8 +74,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or build_shape(args.shape or "cpu-small", args.tokenizer, tmp / "model")
-        model = GritModel.load(str(model_dir), device=args.device, dtype=args.dtype)
+        folder = model_dir(args, tmp)
+        model = GritModel.load(str(folder), device=args.device, dtype=args.dtype)
         corpus = tmp / "corpus.jsonl"
         source = write_corpus(model, args.docs, corpus)
         print(f"{model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "

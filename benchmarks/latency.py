@@ -79,6 +79,19 @@ def build_embedder(tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model or --shape, and --tokenizer: the model flags every benchmark takes."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local model directory")
+    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration (default cpu-small)")
+    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="tokenizer folder for --shape")
+
+
+def model_dir(args: argparse.Namespace, workdir: Path) -> Path:
+    """The --model folder, or a --shape built with random weights under workdir."""
+    return Path(args.model) if args.model else build_shape(args.shape or "cpu-small", args.tokenizer, workdir / "model")
+
+
 def text_of(model: GritModel, n_tokens: int, seed: int) -> str:
     """Plain words whose tokens number exactly n_tokens (as the text tokenises alone)."""
     rng = random.Random(seed)
@@ -191,10 +204,7 @@ def plot(results: dict, lengths: list[int], samples: list[str], path: Path) -> N
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="local model directory")
-    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
-    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="tokenizer folder for --shape")
+    add_model_args(p)
     p.add_argument("--embedder", type=Path, help="sentence-transformers folder for the two-model row "
                    "(default: random weights of all-MiniLM-L6-v2's shape)")
     p.add_argument("--lengths", default="250,500,1000,2000,4000")
@@ -215,9 +225,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or build_shape(args.shape or "cpu-small", args.tokenizer, tmp / "model")
-        model = GritModel.load(str(model_dir), device=args.device, dtype=args.dtype)
-        embedder_dir = args.embedder or build_embedder(Path(model_dir), tmp / "embedder")
+        folder = model_dir(args, tmp)
+        model = GritModel.load(str(folder), device=args.device, dtype=args.dtype)
+        embedder_dir = args.embedder or build_embedder(folder, tmp / "embedder")
         embedder = Embedder.load(embedder_dir, device=str(model.device))
         print(f"{model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
         results = {}

@@ -25,7 +25,7 @@ import xxhash
 import zstandard
 from transformers import AutoTokenizer
 
-from latency import SHAPES, SHARED_TOKENIZER, build_shape, text_of
+from latency import add_model_args, model_dir, text_of
 from ragcache import GritModel, RagCache
 from ragcache import kv as kvlib
 
@@ -94,10 +94,7 @@ def squad_tokens_per_100_words(tokenizer_dir: Path) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="local model directory")
-    src.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named configuration")
-    p.add_argument("--tokenizer", type=Path, default=SHARED_TOKENIZER, help="for --shape, and the projection's token counts")
+    add_model_args(p)
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--tokens", type=int, default=1000, help="tokens in the measured segment")
     p.add_argument("--passages", type=int, default=BEIR_NQ_PASSAGES, help="corpus size to project")
@@ -106,9 +103,9 @@ def main() -> None:
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or build_shape(args.shape or "cpu-small", args.tokenizer, tmp / "model")
+        folder = model_dir(args, tmp)
         for dtype in args.dtypes.split(","):
-            model = GritModel.load(str(model_dir), device="cpu", dtype=dtype)
+            model = GritModel.load(str(folder), device="cpu", dtype=dtype)
             n = min(args.tokens, model.max_context - 16)
             kv = model.encode([text_of(model, n, seed=1)], kv="bidirectional")[0].kv
             texts = [text_of(model, 200, seed=s) for s in range(16)]
