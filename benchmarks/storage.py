@@ -47,14 +47,14 @@ def timed(fn, runs: int = 5) -> float:
 
 def codecs(kv: torch.Tensor) -> dict:
     """Size and speed of each codec on one segment's KV."""
-    raw = kv.contiguous().view(torch.uint8).numpy()
-    planes = kvlib._planes(raw, kv.element_size())
+    raw, itemsize = kv.contiguous().view(torch.uint8).numpy(), kv.element_size()
     tokens, mb = kv.shape[3], raw.nbytes / 1e6
     out = {"tokens": tokens, "raw_bytes_per_token": raw.nbytes / tokens}
     for level in (1, 3):
-        packed = zstandard.ZstdCompressor(level=level).compress(planes)
-        c = timed(lambda: kvlib._planes(raw, kv.element_size()) and zstandard.ZstdCompressor(level=level).compress(planes))
-        d = timed(lambda: kvlib._unplanes(zstandard.ZstdDecompressor().decompress(packed), kv.element_size()))
+        compress = lambda: zstandard.ZstdCompressor(level=level).compress(kvlib._planes(raw, itemsize))
+        packed = compress()
+        c = timed(compress)
+        d = timed(lambda: kvlib._unplanes(zstandard.ZstdDecompressor().decompress(packed), itemsize))
         out[f"zstd{level}"] = {"ratio": raw.nbytes / len(packed), "compress_MBps": mb / c, "decompress_MBps": mb / d}
     plain = zstandard.ZstdCompressor(level=1).compress(raw.tobytes())
     out["zstd1_interleaved_ratio"] = raw.nbytes / len(plain)
