@@ -112,13 +112,6 @@ class Store:
             raise RagcacheError(f"chunk {cid} is missing from the index")
         return json.loads(raw)
 
-    def kv_blob(self, cid: int) -> bytes:
-        with self._begin(db=self.db["kv"], buffers=True) as txn:
-            raw = txn.get(key(cid))
-            if raw is None:
-                raise RagcacheError(f"the KV cache of chunk {cid} is missing from the index")
-            return bytes(raw)
-
     @contextlib.contextmanager
     def kv_views(self, cids: list[int]) -> Iterator[list[memoryview]]:
         """Zero-copy views of the KV blobs of `cids` in LMDB's memory map, valid only inside the block."""

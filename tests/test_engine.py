@@ -55,8 +55,9 @@ def test_cached_segment_equals_the_segment_encoded_alone(rc):
     ids = torch.tensor([record["token_ids"]])
     bidirectional = rc.meta["kv_attention"] == "bidirectional"
     _, cache = rc.model.forward(ids, torch.arange(ids.shape[1])[None], padded_allowed([ids.shape[1]], bidirectional, rc.model.device))
-    stored = kv.deserialize(rc.store.kv_blob(cid))
-    assert torch.allclose(stored, kv.from_cache(cache, 0, ids.shape[1]), atol=1e-5)
+    with rc.store.kv_views([cid]) as (blob,):
+        stored = kv.deserialize(blob)
+        assert torch.allclose(stored, kv.from_cache(cache, 0, ids.shape[1]), atol=1e-5)
 
 
 def test_causal_doc_cache_is_pure_speed(rc):
