@@ -227,8 +227,9 @@ def main() -> None:
         tmp = Path(tmp)
         folder = model_dir(args, tmp)
         model = GritModel.load(str(folder), device=args.device, dtype=args.dtype)
-        embedder_dir = args.embedder or build_embedder(folder, tmp / "embedder")
-        embedder = Embedder.load(embedder_dir, device=str(model.device))
+        embedder = None  # built only when the two-model row runs (not in --quick)
+        if any(label == TWO_MODEL for label, _ in rows):
+            embedder = Embedder.load(args.embedder or build_embedder(folder, tmp / "embedder"), device=str(model.device))
         print(f"{model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
         results = {}
         for sample in samples:
