@@ -60,7 +60,7 @@ def codecs(kv: torch.Tensor) -> dict:
     out["zstd1_interleaved_ratio"] = raw.nbytes / len(plain)
     blob = kvlib.serialize(kv)
     view = memoryview(blob)
-    out["stored_codec"] = "zstd" if kvlib.header(blob)["codec"] == kvlib.ZSTD_PLANES else "raw"
+    out["stored_codec"] = "zstd" if kvlib.header(blob).codec == kvlib.ZSTD_PLANES else "raw"
     out["stored_bytes_per_token"] = len(blob) / tokens
     out["load_MBps"] = mb / timed(lambda: kvlib.deserialize(view).clone())  # checksum + one copy out
     out["xxh3_MBps"] = mb / timed(lambda: xxhash.xxh3_64_intdigest(raw))

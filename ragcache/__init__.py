@@ -1,5 +1,8 @@
 """ragcache: retrieval-augmented generation on one GRIT model, reusing the KV caches of its embedding pass."""
 
+import logging
+import sys
+
 from .engine import Answer, RagCache
 from .errors import RagcacheError
 from .model import GritModel
@@ -7,3 +10,18 @@ from .prompts import Segment, Templates
 
 __all__ = ["Answer", "GritModel", "RagCache", "RagcacheError", "Segment", "Templates"]
 __version__ = "0.1.0"
+
+
+class _StderrWarnings(logging.Handler):
+    """ragcache's warnings as `warning: ...` lines on stderr, looked up at each line so redirection applies.
+
+    Applications that route logging themselves can remove it: logging.getLogger("ragcache").handlers.clear().
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+_log = logging.getLogger("ragcache")
+_log.setLevel(logging.WARNING)
+_log.addHandler(_StderrWarnings())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -10,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__, config, prompts
+from . import __version__, config, prompts, vocab
 from .corpus import MAX_FILE_MB
 from .errors import RagcacheError
 
@@ -26,14 +27,21 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or floa
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text")
 
 
+# The library names the parameter at fault; where its message does not say which flag that is
+# (a mode or an order names itself), the CLI adds the flag.
+FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "embedder": "--embedder",
+         "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention"}
+
+
 def _errors(fn):
-    """Turn the errors a user can act on into one line on stderr and a non-zero exit."""
+    """Turn the errors a user can act on into one line on stderr, naming the flag, and a non-zero exit."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except RagcacheError as e:
-            typer.echo(f"error: {e}", err=True)
+            flag = FLAGS.get(e.param or "")
+            typer.echo(f"error: {e}" + (f" [{flag}]" if flag else ""), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -84,15 +92,15 @@ def index(
     as_json: bool = JsonOpt,
 ) -> None:
     """Chunk CORPUS and store each chunk's embedding and KV cache."""
-    if kv_attention is not None and kv_attention not in prompts.ATTENTIONS:
-        raise RagcacheError(f"unknown --kv-attention '{kv_attention}': use bidirectional or causal")
+    if kv_attention is not None:
+        vocab.attention(kv_attention)
     if chunk_tokens is not None and chunk_tokens < 8:
         raise RagcacheError("--chunk-tokens must be at least 8")
     if max_file_mb <= 0:
         raise RagcacheError("--max-file-mb must be more than 0")
-    from .corpus import discover
+    from .corpus import discover, roots
     from .store import check, check_no_writer
-    found = discover(corpus)  # before a model loads or an index is created
+    found = discover(corpus)  # the one scan of the corpus, before a model loads or an index is created
     path = config.resolve_index(index)
     check_no_writer(path)
     if not found.files and not check(path, must_exist=False):
@@ -100,15 +108,16 @@ def index(
                             + (f" ({len(found.skipped)} other files skipped)" if found.skipped else ""))
     rc = _open(index, model, device, dtype, create=True, embedder=embedder)
     with rc:
-        stats = rc.index(corpus, chunk_tokens=chunk_tokens, kv_attention=kv_attention, prune=prune,
-                         show_progress=not as_json and sys.stderr.isatty(), batch_size=batch_size,
-                         max_file_mb=max_file_mb)
+        stats = rc.index_corpus(found, roots(corpus), chunk_tokens=chunk_tokens, kv_attention=kv_attention,
+                                prune=prune, show_progress=not as_json and sys.stderr.isatty(),
+                                batch_size=batch_size, max_file_mb=max_file_mb)
     if as_json:
         typer.echo(json.dumps(stats.__dict__ | {"index": str(rc.store.path)}))
         return
     if verbose:
         for path, why in stats.skipped:
-            typer.echo(f"skipped {path}: {why}", err=True)
+            hint = " (--max-file-mb raises it)" if why.endswith("MB limit") else ""
+            typer.echo(f"skipped {path}: {why}{hint}", err=True)
     hint = " (--verbose lists them)" if stats.skipped and not verbose else ""
     typer.echo(stats.summary() + hint + f" -> {rc.store.path}")
 
@@ -147,7 +156,7 @@ def ask(
         if answer.sources:
             typer.echo("\nSources:")
             for s in answer.sources:
-                typer.echo(f"  [{s['rank']}] {s['title'] or s['doc_id']} - {s['source']} (score {s['score']:.3f})")
+                typer.echo(f"  {s.line()}")
         if explain:
             decode = lambda ids: rc.model.tokenizer.decode(ids, skip_special_tokens=False)
             typer.echo("\nLayout:\n" + prompts.explain(answer.layout, decode))
@@ -224,28 +233,29 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
            "model": config.default_model(),
            "env": {"RAGCACHE_HOME": "folder of indexes", "RAGCACHE_INDEX": "default index",
                    "RAGCACHE_MODEL": "default model"}}
-    from .store import Store, check
+    from .index import Index
+    from .store import check
+    meta = None
     if check(path, must_exist=False):
-        store = Store(path, create=False)
-        try:
-            meta = store.meta() or {}
-            out["index_info"] = {"chunks": store.count(), "files": len(store.files()),
-                                 "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())} | meta
-        finally:
-            store.close()
+        with contextlib.closing(Index.open(path, create=False)) as idx:
+            meta = idx.meta
+            out["index_info"] = {"chunks": idx.count(), "files": len(idx.files()),
+                                 "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())} | \
+                                (meta.to_json() if meta else {})
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
     typer.echo(f"ragcache {out['version']}\nhome:  {out['home']}  [RAGCACHE_HOME]\n"
                f"index: {out['index']}  [RAGCACHE_INDEX, -i]\nmodel: {out['model']}  [RAGCACHE_MODEL, -m]")
-    if "index_info" in out:
-        i = out["index_info"]
+    if meta is not None:
+        i, m = out["index_info"], meta.model
         typer.echo(f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
-                   f"model {i['model']['name']} ({i['model']['dtype']}, fingerprint {i['model']['fingerprint']}); "
-                   f"chunks of at most {i['chunk_tokens']} tokens; KV attention {i['kv_attention']}")
-        if "embedder" in i:
-            typer.echo(f"  retrieval by embedder {i['embedder']['name']} (fingerprint {i['embedder']['fingerprint']}, "
-                       f"{i['embedder']['dim']} dimensions, texts cut at {i['embedder']['max_tokens']} tokens)")
+                   f"model {m.name} ({m.dtype}, fingerprint {m.fingerprint}); "
+                   f"chunks of at most {meta.chunk_tokens} tokens; KV attention {meta.kv_attention}")
+        if meta.embedder is not None:
+            e = meta.embedder
+            typer.echo(f"  retrieval by embedder {e.name} (fingerprint {e.fingerprint}, {e.dim} dimensions, "
+                       f"texts cut at {e.max_tokens} tokens)")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure retrieval and answer quality on an index.")
@@ -283,7 +293,7 @@ def eval_retrieval(
 @_errors
 def eval_qa(
     questions: Path = typer.Option(..., "--questions", help="JSONL of {\"question\", \"answer\": [...]} (NQ-open)"),
-    modes: str = typer.Option(",".join(prompts.MODES), "--modes", help="Comma-separated modes to compare"),
+    modes: str = typer.Option(",".join(vocab.MODES), "--modes", help="Comma-separated modes to compare"),
     index: Optional[str] = IndexOpt,
     model: Optional[str] = ModelOpt,
     top_k: int = typer.Option(1, "-k", "--top-k", help="Documents per question (the paper uses 1)"),
@@ -301,11 +311,8 @@ def eval_qa(
     from .progress import bar
     from .prompts import Templates
     from .store import check
-    chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in prompts.MODES]
-    if bad or not chosen:
-        raise RagcacheError(f"unknown mode '{bad[0] if bad else modes}': use a comma-separated list of "
-                            f"{', '.join(prompts.MODES)}")
+    chosen = vocab.modes(modes)
+    vocab.order(order)
     if limit is not None and limit < 1:
         raise RagcacheError(f"--limit must be at least 1 (got {limit})")
     items = evaluate.load_questions(questions)[:limit]

@@ -30,21 +30,21 @@ class Discovery:
     skipped: list[tuple[Path, str]]  # (path, why)
 
 
-def check_paths(paths: list[str | Path]) -> list[Path]:
-    """The corpus roots, each of which must exist."""
+def roots(paths: list[str | Path]) -> list[Path]:
+    """The corpus roots as given, each of which must exist."""
     roots = [Path(raw).expanduser() for raw in paths]
     for raw, root in zip(paths, roots):
         if root.is_symlink() and not root.exists():
-            raise RagcacheError(f"'{raw}' is a broken symbolic link, or a loop of them")
+            raise RagcacheError(f"'{raw}' is a broken symbolic link, or a loop of them", param="corpus")
         if not root.exists():
-            raise RagcacheError(f"no such file or folder: '{raw}'")
+            raise RagcacheError(f"no such file or folder: '{raw}'", param="corpus")
     return roots
 
 
 def discover(paths: list[str | Path]) -> Discovery:
     """Expand files and folders (recursively, symlink loops cut) into the supported files, in order."""
     files, skipped, seen = [], [], set()
-    for root in check_paths(paths):
+    for root in roots(paths):
         candidates = _walk(root) if root.is_dir() else [root]
         for path in candidates:
             try:
@@ -82,7 +82,7 @@ def read(path: Path, max_mb: float = MAX_FILE_MB) -> bytes:
     """A file's bytes; a file over `max_mb` is refused before it is read."""
     size = path.stat().st_size
     if size > max_mb * 2**20:
-        raise RagcacheError(f"{size / 2**20:.1f} MB, over the {max_mb:g} MB limit (--max-file-mb raises it)")
+        raise RagcacheError(f"{size / 2**20:.1f} MB, over the {max_mb:g} MB limit", param="max_file_mb")
     return path.read_bytes()
 
 

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from .errors import RagcacheError
+from .meta import EmbedderIdentity
 from .model import resolve_device, weights_fingerprint
 
 POOLINGS = ("cls", "max", "mean", "mean_sqrt_len")  # concatenated in this order, as sentence-transformers does
@@ -36,7 +37,7 @@ class Embedder:
         """Load a local sentence-transformers folder; anything else is a one-line error."""
         root = Path(path).expanduser()
         if not root.is_dir():
-            raise RagcacheError(f"no embedder directory at '{path}'")
+            raise RagcacheError(f"no embedder directory at '{path}'", param="embedder")
         modules = _read_json(root / "modules.json", f"'{path}' is not a sentence-transformers folder")
         if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
             raise RagcacheError(f"'{root / 'modules.json'}' is not a list of modules")
@@ -65,9 +66,9 @@ class Embedder:
                                                     [self.pooling, self.max_tokens, self.lowercase])
         return self._fingerprint
 
-    def identity(self) -> dict:
+    def identity(self) -> EmbedderIdentity:
         """What an index records to find and check this embedder again."""
-        return {"name": self.name, "fingerprint": self.fingerprint(), "dim": self.dim, "max_tokens": self.max_tokens}
+        return EmbedderIdentity(self.name, self.fingerprint(), self.dim, self.max_tokens)
 
     @torch.inference_mode()
     def embed(self, texts: list[str], batch_size: int = 32) -> np.ndarray:

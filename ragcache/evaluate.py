@@ -98,10 +98,10 @@ def rank_documents(rc: RagCache, question: str, depth: int = RETRIEVAL_DEPTH) ->
     while True:
         hits = rc.search(question, k)
         docs: dict[str, float] = {}
-        for cid, score in hits:
-            doc = rc.store.chunk(cid)["doc_id"]
+        for hit in hits:
+            doc = rc.stored.chunk(hit.chunk_id).doc_id
             if doc not in docs:  # hits come best first, so the first chunk of a document is its best
-                docs[doc] = score
+                docs[doc] = hit.score
                 if len(docs) == depth:
                     return docs
         if len(hits) < k:  # the index holds no more chunks
@@ -151,8 +151,8 @@ def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k
             rows[mode].append(scores | {"timings_ms": ans.timings_ms})
             out.write(json.dumps({"index": n, "mode": mode, "question": item["question"], "answers": item["answers"],
                                   "prediction": ans.answer, **scores,
-                                  "sources": [{k: s[k] for k in ("rank", "doc_id", "title", "score")}
-                                              for s in ans.sources],
+                                  "sources": [{"rank": s.rank, "doc_id": s.doc_id, "title": s.title,
+                                               "score": s.score} for s in ans.sources],
                                   "layout": [{"kind": s.kind, "tokens": len(s.token_ids), "cached": s.cached}
                                              for s in ans.layout],
                                   "timings_ms": ans.timings_ms}) + "\n")

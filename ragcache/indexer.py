@@ -12,14 +12,22 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from . import chunking, corpus, prompts
 from . import kv as kvlib
-from .embedder import Embedder
 from .errors import RagcacheError
+from .index import Index
+from .meta import IndexMeta
 from .model import GritModel
-from .store import Store
+from .records import Chunk
+from .retriever import Retriever
 from .vectors import Vectors
 
 BATCH_CHUNKS = 32  # chunks gathered across files before one round of forward passes
@@ -48,18 +56,17 @@ class IndexStats:
 class _Pending:
     source: str
     file_hash: str
-    chunks: list[dict]  # records without embeddings yet
+    chunks: list[Chunk]  # token_ids filled in by the forward pass
     passages: list[str]
 
 
-def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path], chunk_tokens: int,
-        kv_attention: str, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
-        warn: Callable[[str], None] = lambda m: None, embedder: Embedder | None = None,
-        max_file_mb: float = corpus.MAX_FILE_MB) -> IndexStats:
-    """Index `paths`; with `embedder`, it makes the retrieval vectors and the model only the KV caches."""
+def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, found: corpus.Discovery,
+        roots: list[Path], meta: IndexMeta, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
+        warn: Callable[[str], None] = lambda m: None, max_file_mb: float = corpus.MAX_FILE_MB) -> IndexStats:
+    """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches."""
     t0 = time.perf_counter()
+    store = index.store
     stats = IndexStats()
-    found = corpus.discover(paths)
     stats.skipped += [(str(p), why) for p, why in found.skipped]
     known = store.files()
 
@@ -69,7 +76,7 @@ def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path
         try:
             data = corpus.read(path, max_file_mb)
             file_hash = corpus.content_hash(data)
-            if known.get(source, {}).get("hash") == file_hash:
+            if source in known and known[source].hash == file_hash:
                 stats.files_unchanged += 1
                 continue
             docs, warnings = corpus.parse(path, data)
@@ -79,13 +86,13 @@ def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path
         for w in warnings:
             warn(w)
         stats.warnings += warnings
-        pending.append(_chunk_file(source, file_hash, docs, model, chunk_tokens))
+        pending.append(_chunk_file(source, file_hash, docs, model, meta.chunk_tokens))
 
     if prune:
-        roots = [Path(p).expanduser().absolute() for p in paths]
+        absolute = [r.absolute() for r in roots]
         seen = {str(p) for p in found.files}
         for source in known:
-            if source not in seen and any(Path(source).is_relative_to(r) for r in roots):
+            if source not in seen and any(Path(source).is_relative_to(r) for r in absolute):
                 vectors.remove(store.remove_file(source))
                 stats.files_removed += 1
 
@@ -93,16 +100,13 @@ def run(store: Store, model: GritModel, vectors: Vectors, paths: list[str | Path
     with _progress(show_progress, total) as advance:
         for group in _groups(pending):
             passages = [text for p in group for text in p.passages]
-            encoded = model.encode(passages, kv=kv_attention, batch_size=batch_size, embed=embedder is None)
-            if embedder is not None:
-                for enc, vector in zip(encoded, embedder.embed(passages)):
-                    enc.embedding = vector
+            encoded = retriever.encode(passages, kv=meta.kv_attention, batch_size=batch_size)
             for p in group:
                 mine, encoded = encoded[: len(p.chunks)], encoded[len(p.chunks):]
                 rows = []
-                for record, enc in zip(p.chunks, mine):
-                    record["token_ids"] = enc.token_ids
-                    rows.append((record, enc.embedding, kvlib.serialize(enc.kv)))
+                for chunk, enc in zip(p.chunks, mine):
+                    chunk.token_ids = enc.token_ids
+                    rows.append((chunk, enc.embedding, kvlib.serialize(enc.kv)))
                 removed, added = store.put_file(p.source, p.file_hash, rows)
                 vectors.remove(removed)
                 if mine:
@@ -121,8 +125,7 @@ def _chunk_file(source: str, file_hash: str, docs: list[corpus.Document], model:
     for doc in docs:
         for start, end in chunking.chunk_spans(doc.text, model.tokenizer, chunk_tokens):
             text = doc.text[start:end]
-            records.append({"doc_id": doc.doc_id, "title": doc.title, "text": text, "source": source,
-                            "start": start, "end": end})
+            records.append(Chunk(doc.doc_id, doc.title, text, source, start, end, []))
             passages.append(prompts.passage(doc.title, text))
     return _Pending(source, file_hash, records, passages)
 

@@ -3,7 +3,8 @@
 A segment's cache is one tensor shaped (layers, 2, kv_heads, tokens, head_dim): index 0 of the
 second axis holds keys, index 1 values. Keys are stored already rotated (RoPE) for positions
 0..tokens-1, exactly as the model computed them for the segment alone; `rotate_keys` moves them to
-the segment's real offset in an assembled sequence.
+the segment's real offset in an assembled sequence. Assembling segments into a model's cache is the
+adapter's (adapter.assemble), which calls rotate_keys.
 
 On disk a blob is a fixed header followed by the tensor's bytes, raw or compressed:
     magic b"RCKV" | version u16 | dtype u8 | codec u8 | layers u16 | kv_heads u16 | head_dim u16 |
@@ -20,17 +21,17 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import xxhash
 import zstandard
-from transformers.cache_utils import Cache, DynamicLayer
 
 from .errors import RagcacheError
+from .meta import KV_FORMAT as FORMAT_VERSION
 
 MAGIC = b"RCKV"
-FORMAT_VERSION = 2
 _HEADER = struct.Struct("<4sHBBHHHIQ")
 _DTYPES = {1: torch.float32, 2: torch.bfloat16, 3: torch.float16}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
@@ -41,64 +42,6 @@ MIN_RATIO = 1.5
 
 class CorruptKV(RagcacheError):
     """A stored KV blob failed its header or checksum test."""
-
-
-def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
-    """Cut one sequence's first `length` tokens out of a batched HF cache, in one copy, onto the CPU."""
-    first = cache.layers[0].keys  # each layer: keys/values (batch, kv_heads, tokens, head_dim)
-    out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype)
-    for i, layer in enumerate(cache.layers):
-        out[i, 0].copy_(layer.keys[row, :, :length])
-        out[i, 1].copy_(layer.values[row, :, :length])
-    return out  # (layers, 2, kv_heads, tokens, head_dim)
-
-
-class ReservedLayer(DynamicLayer):
-    """A cache layer over a buffer with room to spare: new tokens are written in place.
-
-    HF's DynamicLayer concatenates at every step, copying the whole cache per generated token; with
-    thousands of cached tokens that copy, not the model, dominated decoding.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.length = capacity, 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n, new = self.length, key_states.shape[-2]
-        if not self.is_initialized or n + new > self._keys.shape[-2]:
-            needed = 2 * (n + new) if self.is_initialized else new  # double when outgrown
-            self._grow(key_states, value_states, max(self.capacity, needed))
-        self._keys[:, :, n : n + new] = key_states
-        self._values[:, :, n : n + new] = value_states
-        self.length = n + new
-        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
-        return self.keys, self.values
-
-    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
-        b, heads, _, dim = k.shape  # (batch, kv_heads, tokens, head_dim)
-        keys, values = k.new_empty(b, heads, capacity, dim), v.new_empty(b, heads, capacity, dim)
-        if self.is_initialized:
-            keys[:, :, : self.length] = self._keys[:, :, : self.length]
-            values[:, :, : self.length] = self._values[:, :, : self.length]
-        self._keys, self._values = keys, values
-        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-
-
-def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, room: int) -> Cache:
-    """A batch-1 cache holding `parts` side by side, each re-rotated to its offset, with `room` to spare.
-
-    parts: (layers, 2, kv_heads, tokens, head_dim) each, in sequence order. Each part is copied once,
-    into the cache; only keys that move are computed anew.
-    """
-    total = sum(p.shape[3] for p in parts)
-    cache = Cache(layers=[ReservedLayer(total + room) for _ in range(layers)])
-    offset = 0
-    for kv in parts:
-        for layer, (keys, values) in zip(cache.layers, kv):  # layer by layer: the working set stays in cache
-            layer.update(rotate_keys(keys, offset, inv_freq)[None], values[None])  # (1, kv_heads, tokens, head_dim)
-        offset += kv.shape[3]
-    return cache
 
 
 def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -131,7 +74,15 @@ def serialize(kv: torch.Tensor) -> bytes:
     return head + payload
 
 
-def header(blob: bytes | memoryview) -> dict:
+@dataclass(frozen=True)
+class Header:
+    dtype: torch.dtype
+    codec: int  # RAW or ZSTD_PLANES
+    shape: tuple[int, int, int, int, int]  # (layers, 2, kv_heads, tokens, head_dim)
+    checksum: int  # xxh3-64 of the raw bytes
+
+
+def header(blob: bytes | memoryview) -> Header:
     """Parse a blob's header; raises CorruptKV when it is not one of ours."""
     if len(blob) < _HEADER.size:
         raise CorruptKV("KV blob shorter than its header")
@@ -144,7 +95,7 @@ def header(blob: bytes | memoryview) -> dict:
         raise RagcacheError(f"KV format version {version} is older than this ragcache ({FORMAT_VERSION}); rebuild the index")
     if code not in _DTYPES or codec not in (RAW, ZSTD_PLANES):
         raise CorruptKV("KV blob has a wrong header")
-    return {"dtype": _DTYPES[code], "codec": codec, "shape": (layers, 2, heads, tokens, head_dim), "checksum": checksum}
+    return Header(_DTYPES[code], codec, (layers, 2, heads, tokens, head_dim), checksum)
 
 
 def deserialize(blob: bytes | memoryview) -> torch.Tensor:
@@ -154,10 +105,10 @@ def deserialize(blob: bytes | memoryview) -> torch.Tensor:
     LMDB, the memory map), so it is valid only while the view is, and must not be written to.
     """
     h = header(blob)
-    dtype, shape = h["dtype"], h["shape"]
+    dtype, shape = h.dtype, h.shape
     nbytes = math.prod(shape) * dtype.itemsize
     payload = memoryview(blob)[_HEADER.size :]
-    if h["codec"] == RAW:
+    if h.codec == RAW:
         if len(payload) != nbytes:
             raise CorruptKV("KV blob is truncated")
         raw = payload
@@ -169,7 +120,7 @@ def deserialize(blob: bytes | memoryview) -> torch.Tensor:
         if len(planes) != nbytes:
             raise CorruptKV("KV blob is truncated")
         raw = _unplanes(planes, dtype.itemsize)
-    if xxhash.xxh3_64_intdigest(raw) != h["checksum"]:
+    if xxhash.xxh3_64_intdigest(raw) != h.checksum:
         raise CorruptKV("KV blob fails its checksum")
     with warnings.catch_warnings():  # a read-only map is fine: callers copy out of it, never into it
         warnings.simplefilter("ignore", UserWarning)

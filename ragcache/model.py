@@ -16,15 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
-from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import kv as kvlib
-from . import prompts
+from . import adapter, prompts
+from .adapter import padded_allowed
 from .errors import RagcacheError
+from .meta import ModelIdentity
 from .progress import bar
+from .vocab import Attention
 
 DEFAULT_MODEL = "GritLM/GritLM-7B"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,9 +32,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RagcacheError("--device cuda was asked for, but no CUDA device is available")
+        raise RagcacheError("device cuda was asked for, but no CUDA device is available", param="device")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise RagcacheError(f"unknown device '{device}': use auto, cpu or cuda")
+        raise RagcacheError(f"unknown device '{device}': use auto, cpu or cuda", param="device")
     return device
 
 
@@ -44,7 +42,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise RagcacheError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        raise RagcacheError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16", param="dtype")
     return DTYPES[dtype]
 
 
@@ -65,34 +63,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """HF's sdpa attention, except that on the CPU grouped-query heads are never copied.
-
-    HF repeats the KV heads whenever a mask is given, which copies the whole cache in every layer at
-    every step; the CPU kernel reads grouped heads in place, masked or not.
-    """
-    if query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    is_causal = module.is_causal if is_causal is None else is_causal
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True,
-        is_causal=bool(is_causal and attention_mask is None and query.shape[2] > 1))
-    return out.transpose(1, 2).contiguous(), None  # (b, q, heads, head_dim)
-
-
-ATTENTION = "ragcache_sdpa"
-AttentionInterface.register(ATTENTION, _attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
-def _from_pretrained(source: str, torch_dtype: torch.dtype, local_only: bool):
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=ATTENTION,
-                                              local_files_only=local_only)
-    return tokenizer, hf
-
-
 @dataclass
 class Encoded:
     """One text after an embedding pass: its formatted tokens, pooled vector and optional KV."""
@@ -100,34 +70,6 @@ class Encoded:
     token_ids: list[int]
     embedding: np.ndarray | None  # (dim,) float32, L2-normalised; None when the pass did not embed
     kv: torch.Tensor | None  # (layers, 2, kv_heads, tokens, head_dim), on the CPU
-
-
-def allowed_to_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean (b, q, k) 'may attend' matrix -> additive (b, 1, q, k) mask the HF decoder takes as-is."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def padded_allowed(lengths: list[int], bidirectional: bool, device: torch.device) -> torch.Tensor:
-    """(b, t, t) for right-padded sequences; pad keys stay invisible to real tokens.
-
-    Each position may always see itself, so a pad row is never fully masked (which would give NaN
-    under bf16 and leak through the pad tokens' keys into nothing, but is cleaner never to make).
-    """
-    t = max(lengths)
-    idx = torch.arange(t, device=device)
-    real = idx[None, :] < torch.tensor(lengths, device=device)[:, None]  # (b, t)
-    allowed = real[:, None, :].expand(len(lengths), t, t)
-    if not bidirectional:
-        allowed = allowed & (idx[None, :] <= idx[:, None])
-    return allowed | torch.eye(t, dtype=torch.bool, device=device)
-
-
-def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
-    """(1, q, past+q): new tokens see every past token and the new ones up to themselves."""
-    cols = torch.arange(past + q, device=device)
-    rows = torch.arange(q, device=device) + past
-    return (cols[None, :] <= rows[:, None])[None]
 
 
 def weights_fingerprint(hf, tokenizer, extra: object = None) -> str:
@@ -155,15 +97,14 @@ class GritModel:
         self.hf = hf.eval()
         self.tokenizer = tokenizer
         self.name = name
-        self.decoder = hf.get_decoder()
         self.lm_head = hf.get_output_embeddings()
-        rotary = getattr(self.decoder, "rotary_emb", None)
-        if rotary is None or not hasattr(rotary, "inv_freq"):
-            raise RagcacheError(f"model '{name}' has no rotary position embedding; ragcache needs one to move cached keys")
-        self.inv_freq = rotary.inv_freq.float()
+        inv_freq = adapter.rotary_inv_freq(hf)
+        if inv_freq is None:
+            raise RagcacheError(f"model '{name}' has no rotary position embedding; ragcache needs one to move "
+                                "cached keys", param="model")
+        self.inv_freq = inv_freq
         param = next(hf.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.bos = tokenizer.bos_token or ""
         self.eos_id = tokenizer.eos_token_id
         self.max_context = int(getattr(hf.config, "max_position_embeddings", 0) or 1 << 20)
         self._fingerprint: str | None = None
@@ -177,19 +118,21 @@ class GritModel:
         path = Path(name_or_path).expanduser()
         looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
         if looks_local and not path.is_dir():
-            raise RagcacheError(f"no model directory at '{name_or_path}'")
+            raise RagcacheError(f"no model directory at '{name_or_path}'", param="model")
         source = str(path) if path.is_dir() else name_or_path
         try:
-            tokenizer, hf = _from_pretrained(source, torch_dtype, local_only=path.is_dir() or not _hub_reachable())
+            tokenizer, hf = adapter.load_causal_lm(source, torch_dtype,
+                                                   local_only=path.is_dir() or not _hub_reachable())
         except (OSError, ValueError) as e:
             if path.is_dir():
-                raise RagcacheError(f"cannot load the model in '{source}': {str(e).splitlines()[0]}") from None
+                raise RagcacheError(f"cannot load the model in '{source}': {str(e).splitlines()[0]}",
+                                    param="model") from None
             raise RagcacheError(
                 f"cannot load '{name_or_path}': the Hugging Face hub cannot be reached (or has no such model) "
-                "and it is not in the local cache; pass --model PATH with a local model directory"
-            ) from None
+                "and it is not in the local cache; give a local model directory instead", param="model") from None
         if not tokenizer.is_fast:
-            raise RagcacheError(f"model '{name_or_path}' has no fast tokenizer; ragcache needs token offsets to chunk text")
+            raise RagcacheError(f"model '{name_or_path}' has no fast tokenizer; ragcache needs token offsets to "
+                                "chunk text", param="model")
         return cls(hf.to(device), tokenizer, str(path.resolve()) if path.is_dir() else name_or_path)
 
     def fingerprint(self) -> str:
@@ -197,6 +140,17 @@ class GritModel:
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.hf, self.tokenizer)
         return self._fingerprint
+
+    def identity(self) -> ModelIdentity:
+        """What an index records of the model that made its caches."""
+        cfg = self.hf.config
+        return ModelIdentity(self.name, self.fingerprint(), dtype_name(self.dtype), cfg.num_hidden_layers,
+                             getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension: the decoder's hidden size."""
+        return self.hf.config.hidden_size
 
     # ---- tokens --------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -207,34 +161,24 @@ class GritModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def embed_tokens(self, text: str, instruction: str = "") -> tuple[list[int], int]:
-        """Tokens of the embedding prompt as one string, and where the pooled text begins."""
-        full, prefix = prompts.embed_prompt(text, instruction, self.bos)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        # pool over tokens that end past the instruction part (everything up to and including <|embed|>\n)
-        start = next((i for i, (_, end) in enumerate(offsets) if end > len(prefix)), len(ids))
-        return ids, start
+        """Tokens of the embedding prompt, and where the pooled text begins (prompts.embed_tokens)."""
+        return prompts.embed_tokens(self.tokenizer, text, instruction)
 
     # ---- forward passes ------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
-                cache: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None, cache=None):
         """Run the decoder. ids/positions (b, q); allowed (b, q, past+q) or None for 'see everything'.
 
         Returns the last hidden states (b, q, hidden) and the cache, which now holds past+q tokens.
         """
-        cache = DynamicCache() if cache is None else cache  # never the config's sliding layers: they drop tokens
-        mask = None if allowed is None else allowed_to_mask(allowed, self.dtype)
-        out = self.decoder(input_ids=ids, position_ids=positions, attention_mask=mask,
-                           past_key_values=cache, use_cache=True)
-        return out.last_hidden_state, out.past_key_values
+        return adapter.run_decoder(self.hf, ids, positions, allowed, cache, self.dtype)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], instruction: str = "", kv: str | None = None,
+    def encode(self, texts: list[str], instruction: str = "", kv: Attention | None = None,
                batch_size: int = 8, progress=None, embed: bool = True) -> list[Encoded]:
         """Embedding pass over `texts`, batched by length; optionally the KV of each text's tokens.
 
@@ -264,7 +208,7 @@ class GritModel:
                 if embed:
                     pooled = hidden[r, start:n].float().mean(0) if n > start else torch.zeros(hidden.shape[-1])
                     vector = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
-                seq_kv = kvlib.from_cache(cache, r, n) if kv else None
+                seq_kv = adapter.from_cache(cache, r, n) if kv else None
                 results[i] = Encoded(toks[i][0], vector, seq_kv)
             if progress is not None:
                 progress(len(rows))
@@ -277,7 +221,7 @@ class GritModel:
         texts = [texts] if single else list(texts)
         with bar(show_progress_bar, "embedding", total=len(texts)) as advance:
             vectors = [e.embedding for e in self.encode(texts, instruction, None, batch_size, progress=advance)]
-        out = np.stack(vectors) if vectors else np.zeros((0, self.hf.config.hidden_size), np.float32)
+        out = np.stack(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         out = out[0] if single else out
         return out if convert_to_numpy else torch.from_numpy(out)
 

@@ -1,7 +1,11 @@
 """Prompt formats and layouts, in one place.
 
 Embedding:  <s><|user|>\\n{instruction}\\n<|embed|>\\n{text}   (no instruction: <s><|embed|>\\n{text})
-Generation: <s><|user|>\\n{prompt}\\n<|assistant|>\\n
+            tokenised as GritLM's reference `encode` does: the string without <s>, with the tokenizer's
+            own special tokens, so the tokenizer adds BOS and SentencePiece's dummy prefix applies to the
+            first piece; pooling skips as many tokens as the instruction part alone tokenises to.
+Generation: <s><|user|>\\n{prompt}\\n<|assistant|>\\n, or the model's own chat template when it has one,
+            rendered and tokenised as the tokenizer's apply_chat_template does.
 Chat:       <s><|system|>\\n{system}\\n<|user|>\\n{prompt}\\n<|assistant|>\\n{reply}</s>\\n<|user|>\\n...<|assistant|>\\n
 
 A layout is the sequence of segments a question is answered from. A cached segment is the embedding
@@ -17,20 +21,32 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import RagcacheError
+from .vocab import Attention, Mode, Order
 
-MODES = ("none", "rag", "query", "doc", "query-doc", "doc-query")
-ORDERS = ("doc-first", "query-first")
-ATTENTIONS = ("bidirectional", "causal")
+# Bump when the tokens of a cached segment change: stored caches were computed over them.
+# grit-v2: embedding prompts tokenised as GritLM's reference encode does (tokenizer-added BOS).
+PROMPT_FORMAT = "grit-v2"
 
 
-def embed_prompt(text: str, instruction: str, bos: str) -> tuple[str, str]:
-    """The embedding prompt and its instruction part (which pooling skips)."""
-    prefix = f"{bos}<|user|>\n{instruction}\n<|embed|>\n" if instruction else f"{bos}<|embed|>\n"
-    return prefix + text, prefix
+def embed_instruction(instruction: str) -> str:
+    """The part before the text that pooling skips (the reference's `gritlm_instruction`)."""
+    return f"<|user|>\n{instruction}\n<|embed|>\n" if instruction else "<|embed|>\n"
+
+
+def embed_tokens(tokenizer, text: str, instruction: str = "") -> tuple[list[int], int]:
+    """Tokens of the embedding prompt and where pooling begins, token for token as GritLM.encode.
+
+    The reference tokenises `instruction + text` with the tokenizer's own special tokens and masks
+    the first len(tokenizer(instruction)) positions out of the mean.
+    """
+    prefix = embed_instruction(instruction)
+    ids = tokenizer(prefix + text, add_special_tokens=True)["input_ids"]
+    return ids, min(len(tokenizer(prefix, add_special_tokens=True)["input_ids"]), len(ids))
 
 
 def passage(title: str, text: str) -> str:
@@ -44,18 +60,33 @@ CHAT_ROLES = ("system", "user", "assistant")
 def chat_prompt(turns: list[tuple[str, str]], eos: str) -> str:
     """A conversation in GritLM's chat format (Tulu 2's), ending where the assistant's reply begins.
 
-    turns: (role, text) with roles among CHAT_ROLES. The leading <s> is left out: the engine adds it.
+    turns: (role, text) with roles among CHAT_ROLES. The leading <s> is left out: chat_text adds it.
     One user turn gives exactly the generation format.
     """
     parts = [f"<|{role}|>\n{text}{eos if role == 'assistant' else ''}\n" for role, text in turns]
     return "".join(parts) + "<|assistant|>\n"
 
 
+def chat_text(tokenizer, turns: list[tuple[str, str]]) -> str:
+    """The conversation as the model reads it, BOS included: its chat template, else GritLM's format.
+
+    Tokenised with add_special_tokens=False, it gives exactly apply_chat_template's tokens.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": role, "content": text} for role, text in turns]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + chat_prompt(turns, tokenizer.eos_token or "")
+
+
 @dataclass
 class Templates:
-    """The text around cached segments; `{query}` and `{docs}` are filled in, `answer_prefix` follows."""
+    """The text around cached segments; `{query}` and `{docs}` are filled in, `answer_prefix` follows.
 
-    none: str = "<|user|>\n{query}\n<|assistant|>\n"
+    `none` None is the model's own chat format of the question (chat_text); a string replaces it,
+    after BOS.
+    """
+
+    none: str | None = None
     doc_first: str = "\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n"
     query_first: str = "\n<|user|>\n{docs}\n\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n"
     doc_query: str = "\n<|user|>\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n"
@@ -65,7 +96,7 @@ class Templates:
 
     @classmethod
     def chat(cls) -> "Templates":
-        """Plain chat through mode 'none': the query is a whole chat_prompt, with no answer prefix."""
+        """Plain chat through mode 'none': the query is a whole chat text after BOS, with no answer prefix."""
         return cls(none="{query}", answer_prefix="")
 
     @classmethod
@@ -76,10 +107,11 @@ class Templates:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            raise RagcacheError(f"cannot read templates from '{path}': {e}") from None
+            raise RagcacheError(f"cannot read templates from '{path}': {e}", param="templates") from None
         known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            raise RagcacheError(f"templates file '{path}' must be a JSON object with keys among: {', '.join(sorted(known))}")
+        if not isinstance(data, dict) or set(data) - known or not all(isinstance(v, str) for v in data.values()):
+            raise RagcacheError(f"templates file '{path}' must be a JSON object of strings with keys among: "
+                                f"{', '.join(sorted(known))}", param="templates")
         return cls(**data)
 
 
@@ -88,7 +120,7 @@ class Segment:
     kind: str  # "bos" | "doc" | "query" | "prompt"
     token_ids: list[int]
     cached: bool
-    attention: str  # "bidirectional" | "causal"
+    attention: Attention
     chunk_id: int | None = None  # for doc segments: the stored chunk it came from
 
     def to_dict(self) -> dict:
@@ -98,24 +130,41 @@ class Segment:
         return d
 
 
-def build_layout(mode: str, order: str, query: str, query_ids: list[int], docs: list[tuple[int, str, list[int]]],
-                 tokenize, bos_ids: list[int], templates: Templates, kv_attention: str) -> list[Segment]:
-    """Segments for one question. docs: (chunk_id, passage text, embedding-prompt token ids), best first."""
+@dataclass
+class Doc:
+    """A retrieved chunk as a layout places it: its passage text and its cached segment's tokens."""
+
+    chunk_id: int
+    text: str
+    token_ids: list[int]
+
+
+def build_layout(mode: Mode, order: Order, query: str, query_ids: list[int], docs: list[Doc], tokenizer,
+                 templates: Templates, kv_attention: Attention) -> list[Segment]:
+    """Segments for one question, docs best first."""
     t = templates
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt(text: str) -> Segment:
         return Segment("prompt", tokenize(text + t.answer_prefix), False, "causal")
 
     def doc_segs(cached: bool) -> list[Segment]:
         att = kv_attention if cached else "causal"
-        return [Segment("doc", list(ids), cached, att, cid) for cid, _, ids in docs]
+        return [Segment("doc", list(d.token_ids), cached, att, d.chunk_id) for d in docs]
 
     def query_seg(cached: bool) -> Segment:
         return Segment("query", list(query_ids), cached, kv_attention if cached else "causal")
 
-    doc_text = t.doc_separator.join(text for _, text, _ in docs)
-    if mode == "none":
-        return ([Segment("bos", bos_ids, False, "causal")] if bos_ids else []) + [prompt(t.none.format(query=query))]
+    doc_text = t.doc_separator.join(d.text for d in docs)
+    if mode == "none":  # one string, BOS included: a tokenizer reads what follows a special token differently
+        text = chat_text(tokenizer, [("user", query)]) if t.none is None else \
+            (tokenizer.bos_token or "") + t.none.format(query=query)
+        ids = tokenize(text + t.answer_prefix)
+        n_bos = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+        return ([Segment("bos", ids[:n_bos], False, "causal")] if n_bos else []) + \
+            [Segment("prompt", ids[n_bos:], False, "causal")]
     if mode == "rag" and order == "doc-first":
         return doc_segs(False) + [prompt(t.doc_first.format(query=query))]
     if mode == "rag":
@@ -128,7 +177,7 @@ def build_layout(mode: str, order: str, query: str, query_ids: list[int], docs: 
         return [query_seg(True)] + doc_segs(True) + [prompt(t.query_doc)]
     if mode == "doc-query":
         return doc_segs(True) + [query_seg(True), prompt(t.doc_query)]
-    raise RagcacheError(f"unknown mode '{mode}': use one of {', '.join(MODES)}")
+    raise AssertionError(f"mode {mode!r} was not parsed by vocab.mode")
 
 
 def layout_allowed(layout: list[Segment]) -> torch.Tensor:
@@ -151,7 +200,7 @@ def layout_allowed(layout: list[Segment]) -> torch.Tensor:
     return allowed
 
 
-def explain(layout: list[Segment], decode) -> str:
+def explain(layout: list[Segment], decode: Callable[[list[int]], str]) -> str:
     """A readable rendering of a layout, one line a segment."""
     lines, pos = [], 0
     for i, seg in enumerate(layout):

@@ -8,347 +8,42 @@ GET  /health                liveness, never behind the API key or the model
 One model on one device runs one request at a time, without batching: every embedding batch and
 every generation holds `Service.lock` in a worker thread, so requests queue while the event loop
 stays free for /health and for noticing clients that leave. Errors take OpenAI's shape.
+Requests and errors are in openai_api.py, what each request asks of the engine in service.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Annotated, AsyncIterator, Callable, Literal
+from typing import AsyncIterator
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from . import prompts
 from .engine import RagCache
 from .errors import RagcacheError
-from .prompts import Templates
+from .openai_api import (
+    ApiError,
+    ChatRequest,
+    EmbeddingRequest,
+    Limits,
+    as_api_error,
+    validation_error,
+)
+from .service import Chat, Reply, Service, StopText
+
+__all__ = ["Limits", "StopText", "create_app"]
 
 log = logging.getLogger("ragcache.server")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; anything more is refused with a 400 (a body: 413)."""
-
-    max_body_bytes: int = 1 << 20
-    max_input_count: int = 256  # embedding inputs, or chat messages, per request
-    max_tokens: int = 1024  # tokens one completion may generate; also the default
-    max_top_k: int = 32  # documents one RAG request may retrieve
-
-    def __post_init__(self):
-        for name, value in vars(self).items():
-            if value < 1:
-                raise RagcacheError(f"the {name.replace('_', '-')} limit must be at least 1 (got {value})")
-
-
-# ---- errors ----------------------------------------------------------------------------------------
-class ApiError(Exception):
-    """An error the client sees as {"error": {"message", "type", "param", "code"}} with `status`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-
-def as_api_error(exc: Exception) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, RagcacheError):  # the engine's errors are the user's to fix
-        return ApiError(400, str(exc))
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _validation_error(exc: RequestValidationError) -> ApiError:
-    err = exc.errors()[0]
-    if err["type"] == "json_invalid":
-        return ApiError(400, "the request body is not valid JSON")
-    where = [str(p) for p in err["loc"] if p != "body"]
-    if not where:
-        return ApiError(400, f"the request body: {err['msg']}")
-    return ApiError(400, f"{'.'.join(where)}: {err['msg'].removeprefix('Value error, ')}", param=where[0])
-
-
-# ---- request bodies (unknown OpenAI fields are accepted and ignored) ---------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-def _one_of(kinds: str) -> WrapValidator:
-    """A union's error as one sentence, instead of one error per member type."""
-    def check(value, handler):
-        try:
-            return handler(value)
-        except ValidationError:
-            raise ValueError(f"must be {kinds}") from None
-    return WrapValidator(check)
-
-
-class EmbeddingRequest(_Body):
-    model: str
-    input: Annotated[str | list[str] | list[int] | list[list[int]],
-                     _one_of("a string, a list of strings, a list of token ids, or a list of such lists")]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    instruction: str = ""  # GRIT's embedding instruction; empty embeds the text as it is
-
-
-class ContentPart(_Body):
-    type: str
-    text: str | None = None
-
-
-class Message(_Body):
-    role: str
-    content: Annotated[str | list[ContentPart] | None, _one_of("a string or a list of text parts")] = None
-
-
-class RagOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt option must not silently fall back to a default
-    mode: str = "doc"
-    top_k: int = Field(3, ge=1)
-    order: str = "doc-first"
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class ChatRequest(_Body):
-    model: str
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    rag: RagOptions | None = None  # not OpenAI's: retrieval, the way vLLM takes extra_body fields
-    ignore_eos: bool = False  # vLLM's: generate max_tokens whatever the model says
-
-
-# ---- generation --------------------------------------------------------------------------------------
-@dataclass
-class Chat:
-    """A validated chat request: what the engine is asked, and how."""
-
-    question: str  # the whole conversation as a chat prompt; with `rag`, the last user message
-    rag: RagOptions | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stops: list[str]
-    ignore_eos: bool
-
-
-@dataclass
-class Reply:
-    text: str
-    finish_reason: str  # "stop": end of sequence or a stop string; "length": max_tokens reached
-    prompt_tokens: int
-    completion_tokens: int
-    sources: list[dict] | None  # None for plain chat
-
-    @property
-    def sources_text(self) -> str:
-        """The sources as the reply's closing lines, as `ragcache ask` prints them."""
-        if not self.sources:
-            return ""
-        lines = [f"[{s['rank']}] {s['title'] or s['doc_id']} - {s['source']} (score {s['score']:.3f})"
-                 for s in self.sources]
-        return "\n\nSources:\n" + "\n".join(lines)
-
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class StopText:
-    """The reply as it grows: cut at the first stop string, holding back a tail that may begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.text, self.sent, self.hit = stops, "", 0, False
-        self.hold = max((len(s) for s in stops), default=1) - 1
-
-    def feed(self, delta: str) -> str:
-        """Add new text; return the part that is safe to send now."""
-        self.text += delta
-        # an earlier stop string would have been found already: everything before `sent` was checked
-        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if cuts:
-            self.text, self.hit = self.text[: min(cuts)], True
-            return self.flush()
-        ready = max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent : ready], ready
-        return out
-
-    def flush(self) -> str:
-        out, self.sent = self.text[self.sent :], len(self.text)
-        return out
-
-
-class Service:
-    """The model and index behind the endpoints; `lock` makes one request use the model at a time."""
-
-    def __init__(self, engine: RagCache, limits: Limits):
-        self.engine, self.model, self.limits = engine, engine.model, limits
-        self.model_id = self.model.name
-        self.created = int(time.time())
-        self.lock = threading.Lock()
-
-    def check_model(self, name: str) -> None:
-        if name != self.model_id:
-            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{self.model_id}'",
-                           param="model", code="model_not_found")
-
-    # ---- embeddings ----------------------------------------------------------------------------
-    def embed(self, req: EmbeddingRequest) -> dict:
-        """Runs in a worker thread. Token-id inputs are decoded to text and embedded like text."""
-        self.check_model(req.model)
-        one = isinstance(req.input, str) or (req.input and isinstance(req.input[0], int))  # text, or one id list
-        inputs = [req.input] if one else req.input
-        if not inputs:
-            raise ApiError(400, "input is empty", param="input")
-        if len(inputs) > self.limits.max_input_count:
-            raise ApiError(400, f"{len(inputs)} inputs, more than this server's limit of "
-                                f"{self.limits.max_input_count} per request", param="input")
-        embedder = self.engine.embedder  # a two-model index retrieves with it, so it is what we serve
-        if embedder is not None and req.instruction:
-            raise ApiError(400, "this index embeds with a separate sentence-transformers model, which takes no "
-                                "instruction", param="instruction")
-        dim = embedder.dim if embedder is not None else self.model.hf.config.hidden_size
-        if req.dimensions is not None and req.dimensions > dim:
-            raise ApiError(400, f"dimensions {req.dimensions} is more than the model's {dim}", param="dimensions")
-        vocab = len(self.model.tokenizer)
-        for i, item in enumerate(inputs):
-            if not item:
-                raise ApiError(400, f"input {i} is empty", param="input")
-            if not isinstance(item, str) and not all(0 <= t < vocab for t in item):
-                raise ApiError(400, f"input {i} holds token ids outside the vocabulary (0-{vocab - 1})", param="input")
-        with self.lock:  # the tokenizer too: it is not safe to share between threads
-            texts = [item if isinstance(item, str) else self.model.decode(item) for item in inputs]
-            if embedder is not None:  # it cuts each text at its own limit, as sentence-transformers does
-                vectors = list(embedder.embed(texts))
-                tokens = sum(min(len(embedder.tokenizer(t)["input_ids"]), embedder.max_tokens) for t in texts)
-            else:
-                for i, text in enumerate(texts):
-                    n = len(self.model.embed_tokens(text, req.instruction)[0])
-                    if n > self.model.max_context:
-                        raise ApiError(400, f"input {i} takes {n} tokens, more than the model's context of "
-                                            f"{self.model.max_context}", param="input")
-                encoded = self.model.encode(texts, req.instruction)
-                vectors, tokens = [e.embedding for e in encoded], sum(len(e.token_ids) for e in encoded)
-        data = []
-        for i, vec in enumerate(vectors):
-            vec = vec[: req.dimensions]
-            if req.dimensions is not None:
-                vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
-            vec = vec.astype("<f4")
-            value = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        return {"object": "list", "data": data, "model": self.model_id,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-    # ---- chat ----------------------------------------------------------------------------------
-    def chat_from(self, req: ChatRequest) -> Chat:
-        """Validate a chat request without touching the model (so a bad one never waits in the queue)."""
-        self.check_model(req.model)
-        if req.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if len(req.messages) > self.limits.max_input_count:
-            raise ApiError(400, f"{len(req.messages)} messages, more than this server's limit of "
-                                f"{self.limits.max_input_count}", param="messages")
-        turns = [_turn(i, m) for i, m in enumerate(req.messages)]
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.limits.max_tokens
-        if max_tokens > self.limits.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is more than this server's limit of "
-                                f"{self.limits.max_tokens}", param="max_tokens")
-        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        if len(stops) > 4 or not all(stops):
-            raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
-        if req.rag is None:
-            question = prompts.chat_prompt(turns, self.model.tokenizer.eos_token or "")
-        else:
-            _check_rag(req.rag, self.limits)
-            users = [text for role, text in turns if role == "user"]
-            if not users:
-                raise ApiError(400, "rag needs a user message: the last one is the question", param="messages")
-            question = users[-1]
-        return Chat(question, req.rag, max_tokens, req.temperature or 0.0, req.top_p or 1.0, req.seed, stops,
-                    req.ignore_eos)
-
-    def generate(self, chat: Chat, emit: Callable[[str], None] | None = None,
-                 cancel: threading.Event | None = None) -> Reply:
-        """Runs in a worker thread. `emit` gets the text as it may be sent; `cancel` ends it early."""
-        text = StopText(chat.stops)
-
-        def on_token(delta: str) -> bool:
-            out = text.feed(delta)
-            if out and emit is not None:
-                emit(out)
-            return text.hit or (cancel is not None and cancel.is_set())
-
-        rag = chat.rag or RagOptions(mode="none")
-        with self.lock:
-            answer = self.engine.ask(
-                chat.question, mode=rag.mode, top_k=rag.top_k, order=rag.order, max_new_tokens=chat.max_tokens,
-                temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
-                templates=None if chat.rag else Templates.chat(), ignore_eos=chat.ignore_eos,
-                on_token=on_token if emit is not None or chat.stops or cancel is not None else None)
-        tail = text.flush()
-        if tail and emit is not None:
-            emit(tail)
-        finish = "length" if len(answer.token_ids) >= chat.max_tokens and not text.hit else "stop"
-        return Reply(text.text if text.hit else answer.answer, finish, sum(len(s.token_ids) for s in answer.layout),
-                     len(answer.token_ids), answer.sources if chat.rag else None)
-
-
-def _turn(i: int, message: Message) -> tuple[str, str]:
-    role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for system
-    if role not in prompts.CHAT_ROLES:
-        raise ApiError(400, f"messages.{i}.role '{message.role}' is not supported: use system, user or assistant",
-                       param="messages")
-    if isinstance(message.content, str):
-        return role, message.content
-    if not message.content or any(p.type != "text" or p.text is None for p in message.content):
-        raise ApiError(400, f"messages.{i}.content must be text, or a list of text parts", param="messages")
-    return role, "\n".join(p.text for p in message.content)
-
-
-def _check_rag(rag: RagOptions, limits: Limits) -> None:
-    if rag.mode not in prompts.MODES:
-        raise ApiError(400, f"unknown mode '{rag.mode}': use one of {', '.join(prompts.MODES)}", param="rag.mode")
-    if rag.order not in prompts.ORDERS:
-        raise ApiError(400, f"unknown order '{rag.order}': use doc-first or query-first", param="rag.order")
-    if rag.top_k > limits.max_top_k:
-        raise ApiError(400, f"top_k {rag.top_k} is more than this server's limit of {limits.max_top_k}",
-                       param="rag.top_k")
 
 
 # ---- responses ---------------------------------------------------------------------------------------
@@ -358,7 +53,7 @@ def _completion(head: dict, reply: Reply) -> dict:
                    "choices": [{"index": 0, "message": message, "logprobs": None,
                                 "finish_reason": reply.finish_reason}]}
     if reply.sources is not None:
-        body["sources"] = reply.sources
+        body["sources"] = reply.sources_json
     return body
 
 
@@ -389,7 +84,7 @@ async def _events(head: dict, first: tuple, queue: asyncio.Queue, cancel: thread
         else:
             if value.sources_text:
                 yield chunk({"content": value.sources_text})
-            extra = {"sources": value.sources} if value.sources is not None else {}
+            extra = {"sources": value.sources_json} if value.sources is not None else {}
             yield chunk({}, value.finish_reason, **extra)
             if include_usage:
                 yield _sse(head | {"object": "chat.completion.chunk", "choices": [], "usage": value.usage})
@@ -488,7 +183,7 @@ def create_app(engine: RagCache, api_key: str | None = None, limits: Limits = Li
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown paths and methods

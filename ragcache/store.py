@@ -5,9 +5,10 @@ INDEX/vectors.faiss     a FAISS view of the embeddings, rebuilt from LMDB when i
 INDEX/writer.lock       held by the one process that may write
 
 Named databases:
-  meta    b"index"          -> JSON: format version, model identity, dtype, formats, chunking, KV attention
-  files   source path       -> JSON: {"hash": sha256 of the file's bytes, "chunks": [ids]}
-  chunks  id (u64 BE)       -> JSON: doc_id, title, text, source, start, end, token_ids (the cached segment)
+  meta    b"index"          -> JSON: an IndexMeta (meta.py: formats, model identity, dtype, chunking, KV attention)
+          b"next_id"        -> the next chunk id, as decimal text
+  files   source path       -> JSON: a FileRecord (records.py): sha256 of the file's bytes, its chunk ids
+  chunks  id (u64 BE)       -> JSON: a Chunk (records.py): doc_id, title, text, source, start, end, token_ids
   emb     id (u64 BE)       -> float32 bytes of the pooled, L2-normalised embedding
   kv      id (u64 BE)       -> a KV blob (see kv.py): header + raw or zstd bytes
 
@@ -30,8 +31,8 @@ import lmdb
 import numpy as np
 
 from .errors import RagcacheError
+from .records import Chunk, FileRecord
 
-FORMAT_VERSION = 2  # 2: KV blobs carry a codec and an xxh3 checksum
 _ID = struct.Struct(">Q")
 _MAP_SIZE = 1 << 36  # 64 GiB of address space to start; LMDB files stay sparse, and it doubles when full
 
@@ -97,30 +98,28 @@ class Store:
 
     # ---- reads ---------------------------------------------------------------------------------
     def meta(self) -> dict | None:
+        """The index's description as stored (meta.IndexMeta parses and checks it), None before the first run."""
         with self._begin(db=self.db["meta"]) as txn:
             raw = txn.get(b"index")
         return json.loads(raw) if raw else None
 
-    def files(self) -> dict[str, dict]:
+    def files(self) -> dict[str, FileRecord]:
         with self._begin(db=self.db["files"]) as txn:
-            return {k.decode(): json.loads(v) for k, v in txn.cursor()}
+            return {k.decode(): FileRecord(**json.loads(v)) for k, v in txn.cursor()}
 
-    def chunk(self, cid: int) -> dict:
+    def chunk(self, cid: int) -> Chunk:
         with self._begin(db=self.db["chunks"]) as txn:
             raw = txn.get(key(cid))
         if raw is None:
             raise RagcacheError(f"chunk {cid} is missing from the index")
-        return json.loads(raw)
+        return Chunk.from_json(json.loads(raw))
 
     @contextlib.contextmanager
-    def kv_views(self, cids: list[int]) -> Iterator[list[memoryview]]:
-        """Zero-copy views of the KV blobs of `cids` in LMDB's memory map, valid only inside the block."""
+    def kv_views(self, cids: list[int]) -> Iterator[list[memoryview | None]]:
+        """Zero-copy views of the KV blobs of `cids` in LMDB's memory map (None where there is none),
+        valid only inside the block."""
         with self._begin(db=self.db["kv"], buffers=True) as txn:
-            views = [txn.get(key(cid)) for cid in cids]
-            missing = [cid for cid, v in zip(cids, views) if v is None]
-            if missing:
-                raise RagcacheError(f"the KV cache of chunk {missing[0]} is missing from the index")
-            yield views
+            yield [txn.get(key(cid)) for cid in cids]
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[lmdb.Transaction]:
@@ -149,19 +148,20 @@ class Store:
     def set_meta(self, meta: dict) -> None:
         self._write(lambda txn: txn.put(b"index", json.dumps(meta).encode(), db=self.db["meta"]))
 
-    def put_file(self, source: str, file_hash: str, chunks: list[tuple[dict, np.ndarray, bytes]]) -> tuple[list[int], list[int]]:
+    def put_file(self, source: str, file_hash: str,
+                 chunks: list[tuple[Chunk, np.ndarray, bytes]]) -> tuple[list[int], list[int]]:
         """Replace everything stored for `source` with `chunks` in one transaction: (removed, added) ids."""
         def work(txn):
             removed = self._drop(txn, source)
             raw = txn.get(b"next_id", db=self.db["meta"])
             next_id = int(raw) if raw else 0
             added = list(range(next_id, next_id + len(chunks)))
-            for cid, (record, emb, blob) in zip(added, chunks):
-                txn.put(key(cid), json.dumps(record).encode(), db=self.db["chunks"])
+            for cid, (chunk, emb, blob) in zip(added, chunks):
+                txn.put(key(cid), json.dumps(chunk.to_json()).encode(), db=self.db["chunks"])
                 txn.put(key(cid), np.asarray(emb, dtype=np.float32).tobytes(), db=self.db["emb"])
                 txn.put(key(cid), blob, db=self.db["kv"])
             txn.put(b"next_id", str(next_id + len(chunks)).encode(), db=self.db["meta"])
-            txn.put(source.encode(), json.dumps({"hash": file_hash, "chunks": added}).encode(), db=self.db["files"])
+            txn.put(source.encode(), json.dumps(FileRecord(file_hash, added).to_json()).encode(), db=self.db["files"])
             return removed, added
         return self._write(work)
 

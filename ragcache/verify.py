@@ -26,6 +26,7 @@ from . import prompts
 from .engine import RagCache
 from .errors import RagcacheError
 from .model import dtype_name
+from .records import Chunk, FileRecord
 from .store import unkey
 from .vectors import Vectors
 
@@ -69,16 +70,11 @@ class Report:
 
 def verify(rc: RagCache, repair: bool = False) -> Report:
     """Check the index behind `rc`; with `repair`, mend what can be mended (see the module docstring)."""
-    held = rc.store.writing
-    if repair and not held:
-        rc.store.lock_for_writing()  # fails at once, naming the process, while an `index` runs
-    try:
+    if not repair:
+        return _check(rc)[0]
+    with rc.stored.writing():  # fails at once, naming the process, while an `index` runs
         report, found = _check(rc)
-        if repair:
-            _repair(rc, found)
-    finally:
-        if repair and not held:
-            rc.store.unlock()
+        _repair(rc, found)
     return report
 
 
@@ -97,7 +93,7 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
     if meta is None:
         raise RagcacheError(f"index '{store.path}' is empty: there is nothing to verify")
     report, found = Report(), _Found()
-    dim, built = meta["dim"], meta["model"]
+    dim, built = meta.dim, meta.model
 
     def problem(cid: int | None, part: str, what: str) -> Problem:
         p = Problem(cid, part, what)
@@ -112,10 +108,7 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
             cid = unkey(k)
             records.add(cid)
             try:
-                record = json.loads(bytes(v))
-                if not all(isinstance(record[f], t) for f, t in (("text", str), ("title", str), ("token_ids", list))):
-                    raise TypeError
-                tokens[cid] = len(record["token_ids"])
+                tokens[cid] = len(Chunk.from_json(json.loads(bytes(v))).token_ids)
             except (ValueError, TypeError, KeyError):
                 problem(cid, "record", "does not parse: the chunk's text is lost")
         vectors: dict[int, np.ndarray] = {}
@@ -133,10 +126,10 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
             blobs.add(cid)
             try:
                 kv = kvlib.deserialize(v)  # header, decompression, checksum
-                expected = (built["layers"], 2, built["kv_heads"], tokens.get(cid, kv.shape[3]))
-                if tuple(kv.shape[:4]) != expected or dtype_name(kv.dtype) != built["dtype"]:
+                expected = (built.layers, 2, built.kv_heads, tokens.get(cid, kv.shape[3]))
+                if tuple(kv.shape[:4]) != expected or dtype_name(kv.dtype) != built.dtype:
                     raise kvlib.CorruptKV(f"KV blob holds {dtype_name(kv.dtype)} {tuple(kv.shape)}, not "
-                                          f"{built['dtype']} {expected + (kv.shape[4],)}")
+                                          f"{built.dtype} {expected + (kv.shape[4],)}")
             except RagcacheError as e:
                 problem(cid, "kv", str(e))
         for cid in sorted(records - vectors.keys()):
@@ -151,7 +144,7 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
         for k, v in txn.cursor(db=store.db["files"]):
             source = bytes(k).decode()
             report.files += 1
-            for cid in json.loads(bytes(v))["chunks"]:
+            for cid in FileRecord(**json.loads(bytes(v))).chunks:
                 owners.setdefault(cid, []).append(source)
                 if cid not in records and cid not in found.problems:  # else its record's problem says it
                     problem(cid, "file", f"'{source}' lists it, but it is not stored")
@@ -197,10 +190,10 @@ def _repair(rc: RagCache, found: _Found) -> None:
     todo = list(found.recompute.items())
     for b in range(0, len(todo), ENCODE_BATCH):
         batch = todo[b : b + ENCODE_BATCH]
-        records = [store.chunk(cid) for cid, _ in batch]
-        encoded = rc.model.encode([prompts.passage(r["title"], r["text"]) for r in records], kv=meta["kv_attention"])
-        for (cid, (parts, source)), record, enc in zip(batch, records, encoded):
-            if enc.token_ids != record["token_ids"]:  # the text no longer yields its cache: read the file anew
+        chunks = [store.chunk(cid) for cid, _ in batch]
+        encoded = rc.retriever.encode([prompts.passage(c.title, c.text) for c in chunks], kv=meta.kv_attention)
+        for (cid, (parts, source)), chunk, enc in zip(batch, chunks, encoded):
+            if enc.token_ids != chunk.token_ids:  # the text no longer yields its cache: read the file anew
                 found.drop_files.setdefault(source, set()).add(cid)
                 continue
             store.put_parts(cid, enc.embedding if "embedding" in parts else None,
@@ -214,9 +207,6 @@ def _repair(rc: RagCache, found: _Found) -> None:
         store.remove_chunks(sorted(found.orphans))
     for cid in found.orphans:
         mark(cid, "deleted: no file owns it", True)
-    ids, vecs = store.embeddings()
-    vectors = Vectors(meta["dim"])
-    vectors.add(ids, vecs)
-    vectors.save(store.path / "vectors.faiss", store.version())
+    rc.stored.rebuild_vectors()
     if found.faiss is not None:
         found.faiss.fix, found.faiss.repaired = "rebuilt from LMDB", True

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import string
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MISTRAL_TOKENIZER = SHARED / "tokenizers" / "mistral-7b-v0.1"
@@ -39,13 +50,22 @@ def build_tokenizer(out: Path) -> PreTrainedTokenizerFast:
             shutil.copy(f, out / f.name)
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(out)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([_TRAINING_TEXT] * 4, trainer)
+    # like Llama's and Mistral's: add_special_tokens=True puts BOS first
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(out)
     return fast
@@ -120,3 +140,46 @@ def corpus_dir(tmp_path_factory) -> Path:
     (root / "moon.json").write_text('[{"id": "m1", "title": "Moon", "text": "The moon orbits the earth every 27 days."}]')
     (root / "image.png").write_bytes(b"\x89PNG\r\n")
     return root
+
+
+def damage_kv(rc, cid: int, how: str) -> None:
+    """Damage chunk `cid`'s stored KV blob in place: flip a bit, truncate it, or spoil its header."""
+    from ragcache.store import key
+    with rc.store.env.begin(write=True, db=rc.store.db["kv"]) as txn:
+        blob = bytearray(txn.get(key(cid)))
+        if how == "flip":
+            blob[len(blob) // 2] ^= 0x04
+        elif how == "truncate":
+            del blob[len(blob) // 3 :]
+        else:
+            blob[:4] = b"JUNK"
+        txn.put(key(cid), bytes(blob))
+
+
+WORDS = "Paris is the capital of France and it lies on the Seine river in the north of the country".split()
+
+
+def many_files(root: Path, n: int) -> Path:
+    """n small text files of three paragraphs each: about six 24-token chunks per file."""
+    rng = random.Random(0)
+    root.mkdir()
+    for i in range(n):
+        paragraphs = (" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(3))
+        (root / f"d{i:03d}.txt").write_text("\n\n".join(paragraphs))
+    return root
+
+
+def spans(rc) -> dict[str, list[tuple]]:
+    """Each file's stored chunks as (start, end, text), in order."""
+    return {source: [(c.start, c.end, c.text) for c in map(rc.store.chunk, rec.chunks)]
+            for source, rec in rc.store.files().items()}
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, model):
+    """A corpus of 20 files, its chunks as an uninterrupted run stores them, and the size of that index."""
+    from ragcache import RagCache
+    corpus = many_files(tmp_path_factory.mktemp("many") / "corpus", 20)
+    with RagCache.open(corpus.parent / "reference", model=model) as rc:
+        rc.index([corpus], chunk_tokens=24)
+        return corpus, spans(rc), (corpus.parent / "reference" / "data.mdb").stat().st_size

@@ -10,9 +10,9 @@ import shutil
 
 import lmdb
 import pytest
+from conftest import build_model
 from typer.testing import CliRunner
 
-from conftest import build_model
 from ragcache.cli import app
 
 runner = CliRunner()

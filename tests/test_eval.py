@@ -6,13 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import SCIFACT, build_embedder
 from typer.testing import CliRunner
 
-from conftest import SCIFACT, build_embedder
 from ragcache import RagCache, RagcacheError, evaluate, metrics
 from ragcache.cli import app
 from ragcache.embedder import Embedder
-from ragcache.prompts import MODES, passage
+from ragcache.prompts import passage
+from ragcache.vocab import MODES
 
 QUESTION = "What is the capital of France?"
 runner = CliRunner()
@@ -70,14 +71,14 @@ def test_embedder_refuses_what_it_cannot_run(tmp_path, embedder_dir):
 
 def test_two_model_index_records_and_uses_the_embedder(two_model, model, embedder):
     with RagCache.open(two_model, model=model) as rc:  # the embedder comes back from the recorded path
-        assert rc.embedder is not None and rc.embedder.fingerprint() == embedder.fingerprint()
+        assert rc.retriever.identity() is not None and rc.retriever.identity().fingerprint == embedder.fingerprint()
         meta = rc.meta
-        assert meta["embedder"] == embedder.identity() and meta["dim"] == 32 and meta["kv_attention"] == "causal"
+        assert meta.embedder == embedder.identity() and meta.dim == 32 and meta.kv_attention == "causal"
         ids, vecs = rc.store.embeddings()
         record = rc.store.chunk(int(ids[0]))
-        assert np.allclose(vecs[0], embedder.embed([passage(record["title"], record["text"])])[0], atol=1e-6)
+        assert np.allclose(vecs[0], embedder.embed([passage(record.title, record.text)])[0], atol=1e-6)
         hits = rc.search(QUESTION, 3)
-        assert np.isclose(hits[0][1], float(embedder.embed([QUESTION])[0] @ vecs[list(ids).index(hits[0][0])]), atol=1e-5)
+        assert np.isclose(hits[0].score, float(embedder.embed([QUESTION])[0] @ vecs[list(ids).index(hits[0].chunk_id)]), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -114,8 +115,8 @@ def test_documents_rank_by_their_best_chunk(two_model, model):
     with RagCache.open(two_model, model=model) as rc:
         hits = rc.search(QUESTION, 1000)
         best: dict[str, float] = {}
-        for cid, score in hits:
-            doc = rc.store.chunk(cid)["doc_id"]
+        for cid, score in ((h.chunk_id, h.score) for h in hits):
+            doc = rc.store.chunk(cid).doc_id
             best[doc] = max(best.get(doc, -2.0), score)
         assert len(hits) > len(best)  # documents do span several chunks
         ranked = evaluate.rank_documents(rc, QUESTION, depth=3)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ragcache import kv
-from ragcache.model import causal_allowed, padded_allowed
+from ragcache.adapter import causal_allowed, from_cache, padded_allowed
 
 
 def _compressible(shape, dtype):
@@ -13,7 +13,7 @@ def _compressible(shape, dtype):
 
 
 def _codec(blob: bytes) -> int:
-    return kv.header(blob)["codec"]
+    return kv.header(blob).codec
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -74,7 +74,7 @@ def test_rerotated_cache_equals_the_model_computing_in_place(model):
     ids = torch.tensor([[11, 12, 13, 14, 15, 16]])
     _, at0 = model.forward(ids, torch.arange(6)[None], padded_allowed([6], False, model.device))
     _, at7 = model.forward(ids, torch.arange(7, 13)[None], padded_allowed([6], False, model.device))
-    alone, placed = kv.from_cache(at0, 0, 6), kv.from_cache(at7, 0, 6)
+    alone, placed = from_cache(at0, 0, 6), from_cache(at7, 0, 6)
     assert torch.allclose(kv.rotate_keys(alone[:, 0], 7, model.inv_freq), placed[:, 0], atol=1e-5)
     assert torch.allclose(alone[:, 1], placed[:, 1], atol=1e-5)  # values are position-free
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_model
+
 from ragcache import GritModel, RagcacheError
-from ragcache.model import padded_allowed
+from ragcache.adapter import padded_allowed
 
 
 @pytest.mark.parametrize("family", ["mistral", "llama", "qwen2"])
@@ -39,11 +39,12 @@ def test_padding_never_changes_an_embedding(model):
 
 
 def test_embed_format_and_pooling_span(model):
-    ids, start = model.embed_tokens("hello world")
-    assert model.tokenizer.decode(ids[:start]) == "<s><|embed|>\n"
+    ids, start = model.embed_tokens("hello world")  # the tokenizer adds BOS (and SentencePiece its dummy prefix)
+    assert model.tokenizer.decode(ids[1:start]).lstrip() == "<|embed|>\n"
     assert ids[0] == model.tokenizer.bos_token_id
     ids_i, start_i = model.embed_tokens("hello world", instruction="Retrieve a passage")
-    assert model.tokenizer.decode(ids_i[:start_i]) == "<s><|user|>\nRetrieve a passage\n<|embed|>\n"
+    assert ids_i[0] == model.tokenizer.bos_token_id
+    assert model.tokenizer.decode(ids_i[1:start_i]).lstrip() == "<|user|>\nRetrieve a passage\n<|embed|>\n"
     assert ids_i[start_i:] == ids[start:]
     # the instruction changes the vector (it is attended to) but is not pooled
     assert not np.allclose(model.embed("hello world"), model.embed("hello world", instruction="Retrieve a passage"))
@@ -64,8 +65,9 @@ def test_missing_directory_is_one_clear_error(tmp_path):
 
 def test_unreachable_hub_names_model_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RagcacheError, match="--model PATH"):
+    with pytest.raises(RagcacheError, match="give a local model directory") as refused:
         GritModel.load("nobody/no-such-model-ragcache", device="cpu")
+    assert refused.value.param == "model"  # the CLI adds its --model flag
 
 
 def test_fingerprint_tracks_weights_not_dtype(tmp_path, model_dir):

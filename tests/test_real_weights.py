@@ -3,10 +3,11 @@
 import json
 
 import pytest
-
 from conftest import SQUAD, STORIES
+
 from ragcache import GritModel, RagCache
-from ragcache.prompts import MODES, Segment
+from ragcache.prompts import Segment
+from ragcache.vocab import MODES
 
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/models/stories260K is absent")
 

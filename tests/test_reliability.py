@@ -11,46 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import damage_kv, spans
 from starlette.testclient import TestClient
 
 from ragcache import RagCache, RagcacheError
 from ragcache import store as storelib
 from ragcache.server import create_app
-from ragcache.store import key, unkey
+from ragcache.store import unkey
 from ragcache.vectors import Vectors
 from ragcache.verify import verify
 
 QUESTION = "What is the capital of France?"
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "Paris is the capital of France and it lies on the Seine river in the north of the country".split()
-
-
-def _damage(rc: RagCache, cid: int, how: str) -> None:
-    with rc.store.env.begin(write=True, db=rc.store.db["kv"]) as txn:
-        blob = bytearray(txn.get(key(cid)))
-        if how == "flip":
-            blob[len(blob) // 2] ^= 0x04
-        elif how == "truncate":
-            del blob[len(blob) // 3 :]
-        else:
-            blob[:4] = b"JUNK"
-        txn.put(key(cid), bytes(blob))
-
-
-def _many_files(root: Path, n: int) -> Path:
-    """n small text files of three paragraphs each: about six 24-token chunks per file."""
-    rng = random.Random(0)
-    root.mkdir()
-    for i in range(n):
-        paragraphs = (" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(3))
-        (root / f"d{i:03d}.txt").write_text("\n\n".join(paragraphs))
-    return root
-
-
-def _spans(rc: RagCache) -> dict[str, list[tuple]]:
-    """Each file's stored chunks as (start, end, text), in order."""
-    return {source: [(c["start"], c["end"], c["text"]) for c in map(rc.store.chunk, rec["chunks"])]
-            for source, rec in rc.store.files().items()}
 
 
 class Forks:
@@ -86,15 +58,6 @@ def forks(tmp_path_factory):
     forks.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def many(tmp_path_factory, model):
-    """A corpus of 20 files, its chunks as an uninterrupted run stores them, and the size of that index."""
-    corpus = _many_files(tmp_path_factory.mktemp("many") / "corpus", 20)
-    with RagCache.open(corpus.parent / "reference", model=model) as rc:
-        rc.index([corpus], chunk_tokens=24)
-        return corpus, _spans(rc), (corpus.parent / "reference" / "data.mdb").stat().st_size
-
-
 def _check_invariants(path: Path, model, reference: dict, capsys) -> int:
     """Everything a killed run must leave: returns how many files the index holds."""
     capsys.readouterr()
@@ -104,9 +67,9 @@ def _check_invariants(path: Path, model, reference: dict, capsys) -> int:
             ids = {name: {unkey(k) for k, _ in txn.cursor(db=store.db[name])} for name in ("chunks", "emb", "kv")}
         assert ids["chunks"] == ids["emb"] == ids["kv"]  # a chunk's text, embedding and KV: all or none
         files = store.files()
-        listed = [cid for rec in files.values() for cid in rec["chunks"]]
+        listed = [cid for rec in files.values() for cid in rec.chunks]
         assert sorted(listed) == sorted(ids["chunks"])  # every chunk in exactly one file; every listed one there
-        stored = _spans(rc)
+        stored = spans(rc)
         assert all(stored[source] == reference[source] for source in stored)  # whole files only
 
         stale = Vectors.load(path / "vectors.faiss", store.version()) is None
@@ -152,12 +115,12 @@ def test_sigkill_at_random_moments_loses_nothing_and_resumes(tmp_path, forks, ma
     assert kills >= 10 and partial >= 3, (kills, partial)
 
     with RagCache.open(idx, model=model) as rc:
-        before = {source: rec["chunks"] for source, rec in rc.store.files().items()}
+        before = {source: rec.chunks for source, rec in rc.store.files().items()}
         stats = rc.index([corpus], chunk_tokens=24)
         assert (stats.files_unchanged, stats.files_indexed) == (len(before), len(reference) - len(before))
         after = rc.store.files()
-        assert all(after[source]["chunks"] == ids for source, ids in before.items())  # nothing redone
-        assert _spans(rc) == reference  # nothing missing, nothing twice
+        assert all(after[source].chunks == ids for source, ids in before.items())  # nothing redone
+        assert spans(rc) == reference  # nothing missing, nothing twice
         assert rc.store.count() == sum(map(len, reference.values()))
 
 
@@ -225,89 +188,15 @@ def test_second_index_is_refused_at_once_naming_the_writer(tmp_path, forks, mode
         rc.store.unlock()
 
 
-def test_full_map_grows(tmp_path, many, model, monkeypatch):
-    corpus, reference, _ = many
-    monkeypatch.setattr(storelib, "_MAP_SIZE", 1 << 17)
-    with RagCache.open(tmp_path / "idx", model=model) as rc:
-        rc.index([corpus], chunk_tokens=24)
-        assert rc.store.env.info()["map_size"] >= 1 << 20
-        assert _spans(rc) == reference
-
-
 @pytest.mark.parametrize("how", ["flip", "truncate", "header"])
 def test_damaged_cache_is_recomputed_from_text_with_a_warning(tmp_path, model, corpus_dir, capsys, how):
     with RagCache.open(tmp_path / "idx", model=model) as rc:
         rc.index([corpus_dir], chunk_tokens=24)
         before = rc.ask(QUESTION, mode="doc-query", top_k=2, max_new_tokens=6, ignore_eos=True)
-        _damage(rc, before.sources[0]["chunk_id"], how)
+        damage_kv(rc, before.sources[0].chunk_id, how)
         capsys.readouterr()
         after = rc.ask(QUESTION, mode="doc-query", top_k=2, max_new_tokens=6, ignore_eos=True)
     assert after.token_ids == before.token_ids
     assert (after.first_logits - before.first_logits).abs().max().item() < 1e-4
     err = capsys.readouterr().err
-    assert err.count("damaged") == 1 and f"chunk {before.sources[0]['chunk_id']}" in err
-
-
-def test_verify_finds_every_kind_of_damage_and_repair_mends_it(tmp_path, model, corpus_dir, capsys):
-    with RagCache.open(tmp_path / "idx", model=model) as rc:
-        rc.index([corpus_dir], chunk_tokens=24)
-        assert verify(rc).ok and not verify(rc).problems
-        before = rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=6, ignore_eos=True)
-        ids = sorted(rc.store.embeddings()[0].tolist())
-        files = rc.store.files()
-        lost = next(source for source, rec in files.items() if len(rec["chunks"]) == 1)  # loses its only chunk
-        lost_id = files[lost]["chunks"][0]
-        flip, cut, junk, no_emb = [i for i in ids if i != lost_id][:4]
-        retok = ids[-1]  # its record's tokens no longer match its text, so its cache cannot be recomputed
-        owner = {cid: source for source, rec in files.items() for cid in rec["chunks"]}
-        assert owner[retok] not in {owner[i] for i in (lost_id, flip, cut, junk, no_emb)}
-        for cid, how in ((flip, "flip"), (cut, "truncate"), (junk, "header")):
-            _damage(rc, cid, how)
-        record = rc.store.chunk(retok)
-        with rc.store.env.begin(write=True) as txn:
-            txn.delete(key(no_emb), db=rc.store.db["emb"])
-            txn.delete(key(lost_id), db=rc.store.db["chunks"])
-            txn.put(key(999), b'{"text": "stray", "title": "", "token_ids": [1]}', db=rc.store.db["chunks"])
-            txn.put(key(retok), json.dumps(record | {"token_ids": record["token_ids"] + [5]}).encode(),
-                    db=rc.store.db["chunks"])
-
-        found = {(p.chunk_id, p.part) for p in verify(rc).problems}
-        assert found == {(flip, "kv"), (cut, "kv"), (junk, "kv"), (no_emb, "embedding"), (lost_id, "record"),
-                         (retok, "kv"), (999, "embedding"), (999, "kv"), (999, "file"), (None, "faiss")}
-        report = verify(rc, repair=True)
-        assert not report.ok  # two files must be read again
-        left = [p for p in report.problems if not p.repaired]
-        assert [p.chunk_id for p in left] == [lost_id, retok]
-        assert all("run ragcache index on it" in p.fix for p in left)
-        assert not rc.store.writing  # repair let go of the writer lock
-        assert rc.index([corpus_dir]).files_indexed == 2
-        assert verify(rc).ok and not verify(rc).problems
-        capsys.readouterr()
-        after = rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=6, ignore_eos=True)
-        assert "damaged" not in capsys.readouterr().err  # mended on disk, not recomputed on the fly
-        assert after.token_ids == before.token_ids
-
-
-def test_verify_cli(tmp_path, model, model_dir, corpus_dir):
-    from typer.testing import CliRunner
-
-    from ragcache.cli import app
-    idx = tmp_path / "idx"
-    with RagCache.open(idx, model=model) as rc:
-        rc.index([corpus_dir], chunk_tokens=24)
-        cid = rc.store.embeddings()[0][0]
-        _damage(rc, int(cid), "flip")
-    runner = CliRunner()
-    result = runner.invoke(app, ["verify", "-i", str(idx)])
-    assert result.exit_code == 1
-    assert f"chunk {cid}: kv: KV blob fails its checksum" in result.output
-    result = runner.invoke(app, ["verify", "-i", str(idx), "--repair", "--json"])
-    out = json.loads(result.output)
-    assert result.exit_code == 0 and out["ok"] and {p["chunk_id"] for p in out["problems"]} == {cid, None}
-    result = runner.invoke(app, ["verify", "-i", str(idx)])
-    assert result.exit_code == 0 and result.output.strip().endswith("no problems")
-    other = tmp_path / "other"
-    from conftest import build_model
-    build_model(other, seed=7)
-    result = runner.invoke(app, ["verify", "-i", str(idx), "-m", str(other)])
-    assert result.exit_code == 1 and "fingerprint" in result.output and len(result.output.strip().splitlines()) == 1
+    assert err.count("damaged") == 1 and f"chunk {before.sources[0].chunk_id}" in err

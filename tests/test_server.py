@@ -16,8 +16,8 @@ import pytest
 import uvicorn
 
 from ragcache import RagCache
-from ragcache.prompts import MODES
 from ragcache.server import Limits, StopText, create_app
+from ragcache.vocab import MODES
 
 KEY = "test-key"
 LIMITS = Limits(max_body_bytes=64 * 1024, max_input_count=8, max_tokens=4000, max_top_k=4)
@@ -222,13 +222,13 @@ def test_rag_replies_cite_sources(served, mode):
     reply = chat(served, max_tokens=5, extra_body={"rag": rag})
     expected = ask_engine(served, QUESTION, mode=mode, top_k=2, order="query-first", max_new_tokens=5)
     content = reply.choices[0].message.content
-    assert reply.sources == expected.sources and len(reply.sources) == 2
+    assert reply.sources == [s.to_dict() for s in expected.sources] and len(reply.sources) == 2
     assert content.startswith(expected.answer) and "\n\nSources:\n[1] " in content
     assert all(s["source"] in content for s in reply.sources)
     assert reply.usage.prompt_tokens == sum(len(s.token_ids) for s in expected.layout)
     chunks = list(chat(served, max_tokens=5, stream=True, extra_body={"rag": rag}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
-    assert chunks[-1].sources == expected.sources and chunks[-1].choices[0].finish_reason
+    assert chunks[-1].sources == [s.to_dict() for s in expected.sources] and chunks[-1].choices[0].finish_reason
 
 
 # ---- errors, limits, authentication -------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""Everything ragcache needs from transformers' internals, behind one module.
+
+transformers' attention registry, mask interface, cache classes and rotary embedding change between
+major versions (pyproject pins the one tested). Nothing else in ragcache imports them: the model,
+the KV code and generation go through the functions here.
+
+- Attention: HF's sdpa, except that on the CPU grouped-query heads are read in place (`_attention`).
+- Masks: boolean "may attend" matrices (b, q, k), turned into the additive mask the decoder takes.
+- Caches: a fresh dynamic cache, a reserved-capacity layer that decoding writes into in place, the
+  assembly of stored segments into one cache, and cutting one sequence's KV out of a batched cache.
+- Rotary: the inverse frequencies that cached keys are re-rotated with.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+)
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kv import rotate_keys
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """HF's sdpa attention, except that on the CPU grouped-query heads are never copied.
+
+    HF repeats the KV heads whenever a mask is given, which copies the whole cache in every layer at
+    every step; the CPU kernel reads grouped heads in place, masked or not.
+    """
+    if query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    is_causal = module.is_causal if is_causal is None else is_causal
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True,
+        is_causal=bool(is_causal and attention_mask is None and query.shape[2] > 1))
+    return out.transpose(1, 2).contiguous(), None  # (b, q, heads, head_dim)
+
+
+ATTENTION = "ragcache_sdpa"
+AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+def load_causal_lm(source: str, dtype: torch.dtype, local_only: bool):
+    """(tokenizer, model) with ragcache's attention; raises OSError/ValueError as transformers does."""
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION,
+                                              local_files_only=local_only)
+    return tokenizer, hf
+
+
+def rotary_inv_freq(hf) -> torch.Tensor | None:
+    """(head_dim/2,) float32 inverse frequencies of the decoder's rotary embedding; None without one."""
+    rotary = getattr(hf.get_decoder(), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return None
+    return rotary.inv_freq.float()
+
+
+def run_decoder(hf, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+                cache: Cache | None, dtype: torch.dtype) -> tuple[torch.Tensor, Cache]:
+    """One decoder pass with explicit positions and mask; (last hidden states (b, q, hidden), cache)."""
+    cache = DynamicCache() if cache is None else cache  # never the config's sliding layers: they drop tokens
+    mask = None if allowed is None else allowed_to_mask(allowed, dtype)
+    out = hf.get_decoder()(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                           use_cache=True)
+    return out.last_hidden_state, out.past_key_values
+
+
+# ---- masks -------------------------------------------------------------------------------------------
+def allowed_to_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (b, q, k) 'may attend' matrix -> additive (b, 1, q, k) mask the HF decoder takes as-is."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def padded_allowed(lengths: list[int], bidirectional: bool, device: torch.device) -> torch.Tensor:
+    """(b, t, t) for right-padded sequences; pad keys stay invisible to real tokens.
+
+    Each position may always see itself, so a pad row is never fully masked (which would give NaN
+    under bf16 and leak through the pad tokens' keys into nothing, but is cleaner never to make).
+    """
+    t = max(lengths)
+    idx = torch.arange(t, device=device)
+    real = idx[None, :] < torch.tensor(lengths, device=device)[:, None]  # (b, t)
+    allowed = real[:, None, :].expand(len(lengths), t, t)
+    if not bidirectional:
+        allowed = allowed & (idx[None, :] <= idx[:, None])
+    return allowed | torch.eye(t, dtype=torch.bool, device=device)
+
+
+def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
+    """(1, q, past+q): new tokens see every past token and the new ones up to themselves."""
+    cols = torch.arange(past + q, device=device)
+    rows = torch.arange(q, device=device) + past
+    return (cols[None, :] <= rows[:, None])[None]
+
+
+# ---- caches ------------------------------------------------------------------------------------------
+def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
+    """Cut one sequence's first `length` tokens out of a batched HF cache, in one copy, onto the CPU."""
+    first = cache.layers[0].keys  # each layer: keys/values (batch, kv_heads, tokens, head_dim)
+    out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype)
+    for i, layer in enumerate(cache.layers):
+        out[i, 0].copy_(layer.keys[row, :, :length])
+        out[i, 1].copy_(layer.values[row, :, :length])
+    return out  # (layers, 2, kv_heads, tokens, head_dim)
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer over a buffer with room to spare: new tokens are written in place.
+
+    HF's DynamicLayer concatenates at every step, copying the whole cache per generated token; with
+    thousands of cached tokens that copy, not the model, dominated decoding.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, new = self.length, key_states.shape[-2]
+        if not self.is_initialized or n + new > self._keys.shape[-2]:
+            needed = 2 * (n + new) if self.is_initialized else new  # double when outgrown
+            self._grow(key_states, value_states, max(self.capacity, needed))
+        self._keys[:, :, n : n + new] = key_states
+        self._values[:, :, n : n + new] = value_states
+        self.length = n + new
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+        return self.keys, self.values
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
+        b, heads, _, dim = k.shape  # (batch, kv_heads, tokens, head_dim)
+        keys, values = k.new_empty(b, heads, capacity, dim), v.new_empty(b, heads, capacity, dim)
+        if self.is_initialized:
+            keys[:, :, : self.length] = self._keys[:, :, : self.length]
+            values[:, :, : self.length] = self._values[:, :, : self.length]
+        self._keys, self._values = keys, values
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+
+
+def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, room: int,
+             device: torch.device, dtype: torch.dtype) -> Cache:
+    """A batch-1 cache holding `parts` side by side, each re-rotated to its offset, with `room` to spare.
+
+    parts: (layers, 2, kv_heads, tokens, head_dim) each, in sequence order. Each part is copied once,
+    into the cache (moved to `device` and `dtype` on the way); only keys that move are computed anew.
+    """
+    total = sum(p.shape[3] for p in parts)
+    cache = Cache(layers=[ReservedLayer(total + room) for _ in range(layers)])
+    offset = 0
+    for kv in parts:
+        for layer, (keys, values) in zip(cache.layers, kv):  # layer by layer: the working set stays in cache
+            keys, values = keys.to(device, dtype), values.to(device, dtype)
+            layer.update(rotate_keys(keys, offset, inv_freq)[None], values[None])  # (1, kv_heads, tokens, head_dim)
+        offset += kv.shape[3]
+    return cache

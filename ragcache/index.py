@@ -1,0 +1,149 @@
+"""An index on disk: the LMDB store, the FAISS view of its vectors, and its description (IndexMeta).
+
+Opening checks every format first (meta.check_format), then, once a model and retriever are known,
+that they are the ones that made the stored caches and vectors. The FAISS view is rebuilt from LMDB
+when it is stale or missing, and saved when no other process is writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import RagcacheError
+from .kvsource import KVSource, StoreKV
+from .meta import EmbedderIdentity, IndexMeta, ModelIdentity
+from .records import Chunk, FileRecord, Hit
+from .store import Store
+from .vectors import Vectors
+
+log = logging.getLogger(__name__)
+
+
+class Index:
+    def __init__(self, store: Store):
+        self.store = store
+        self._meta: IndexMeta | None = None
+        self._vectors: Vectors | None = None
+        self._vectors_stamp = -1
+        self.meta  # parse (and check the formats of) what is there now
+
+    @classmethod
+    def open(cls, path: str | Path, create: bool = True) -> "Index":
+        store = Store(Path(path), create=create)
+        try:
+            return cls(store)
+        except BaseException:
+            store.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def meta(self) -> IndexMeta | None:
+        """The index's description; None until the first `index` run writes it (then it never changes)."""
+        if self._meta is None:
+            raw = self.store.meta()
+            self._meta = IndexMeta.from_json(raw, str(self.path)) if raw else None
+        return self._meta
+
+    def create(self, meta: IndexMeta) -> None:
+        """Write the description of a new index (under the writer lock)."""
+        self.store.set_meta(meta.to_json())
+        self._meta = meta
+
+    def check(self, model: ModelIdentity, embedder: EmbedderIdentity | None) -> None:
+        """Refuse a model or embedder other than the ones that made the stored caches and vectors."""
+        if self.meta is not None:
+            self.meta.check_model(model, str(self.path))
+            self.meta.check_embedder(embedder, str(self.path))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ---- reading -------------------------------------------------------------------------------
+    def count(self) -> int:
+        return self.store.count()
+
+    def chunk(self, cid: int) -> Chunk:
+        return self.store.chunk(cid)
+
+    def files(self) -> dict[str, FileRecord]:
+        return self.store.files()
+
+    def kv_source(self) -> KVSource:
+        return StoreKV(self.store)
+
+    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+        """The k nearest chunks to `vector`, best first."""
+        return [Hit(cid, score) for cid, score in self.vectors().search(vector, k)]
+
+    def vectors(self) -> Vectors:
+        """The FAISS view, loaded if current, else rebuilt from LMDB (and saved when possible)."""
+        stamp = self.store.version()
+        if self._vectors is not None and self._vectors_stamp == stamp:
+            return self._vectors
+        if self.meta is None:
+            raise RagcacheError(f"the index '{self.path}' holds no documents; run ragcache index first")
+        path = self.path / "vectors.faiss"
+        vectors = Vectors.load(path, stamp)
+        if vectors is None:
+            existed = path.exists()
+            ids, vecs = self.store.embeddings()
+            vectors = Vectors(self.meta.dim)
+            vectors.add(ids, vecs)
+            if len(ids) and self._save_rebuilt(vectors, stamp):
+                log.warning(f"the vector index was {'out of date' if existed else 'missing'} (an interrupted run?); "
+                            f"rebuilt it from {len(ids)} stored embeddings")
+        self._vectors, self._vectors_stamp = vectors, stamp
+        return vectors
+
+    def _save_rebuilt(self, vectors: Vectors, stamp: int) -> bool:
+        """Save a rebuilt view so that later opens load it; False when a live writer elsewhere made it stale.
+
+        That writer saves its own view when it ends, so there is nothing to report or save.
+        """
+        try:
+            with self.writing():
+                if self.store.version() == stamp:  # nothing was committed since the embeddings were read
+                    try:
+                        vectors.save(self.path / "vectors.faiss", stamp)
+                    except RagcacheError:
+                        pass  # a full disk or a read-only folder: the view in memory serves; the next open rebuilds
+        except RagcacheError:
+            return False
+        return True
+
+    # ---- writing -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the writer lock for the block (re-entrant); fails at once, naming the process that holds it."""
+        held = self.store.writing
+        if not held:
+            self.store.lock_for_writing()
+        try:
+            yield
+        finally:
+            if not held:
+                self.store.unlock()
+
+    def save_vectors(self, vectors: Vectors) -> None:
+        """Save `vectors`, kept in step with every commit by the writer, as the view of LMDB as it now stands."""
+        stamp = self.store.version()
+        vectors.save(self.path / "vectors.faiss", stamp)
+        self._vectors, self._vectors_stamp = vectors, stamp
+
+    def rebuild_vectors(self) -> None:
+        """Drop the view and build it anew from LMDB, then save it (verify --repair)."""
+        ids, vecs = self.store.embeddings()
+        vectors = Vectors(self.meta.dim)
+        vectors.add(ids, vecs)
+        stamp = self.store.version()
+        vectors.save(self.path / "vectors.faiss", stamp)
+        self._vectors, self._vectors_stamp = vectors, stamp

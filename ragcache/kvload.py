@@ -1,0 +1,61 @@
+"""A layout's cached prefix -> the model's cache: KV from a source, re-rotated into place.
+
+Each chunk's KV comes from the KV source. One that the source does not hold, or holds damaged, is
+recomputed from the chunk's text with the index's model and KV attention, with one warning, and never
+used damaged. The answer is the same either way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from . import adapter
+from .errors import RagcacheError
+from .index import Index
+from .kvsource import KVSource
+from .model import GritModel
+from .prompts import Segment, passage
+from .vocab import Attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    cache: object  # the model's cache: the cached prefix, with room for the rest and the answer
+    n_cached: int  # tokens in the cached prefix
+    served_by: dict[int, str] = field(default_factory=dict)  # chunk id -> the source's name, or "recomputed"
+
+
+def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: GritModel, kv_attention: Attention,
+                query_kv: torch.Tensor | None, room: int) -> Loaded:
+    """The cache of the layout's cached segments, which come first; `room` more tokens fit after them."""
+    prefix = list(itertools.takewhile(lambda s: s.cached, layout))
+    if any(s.cached for s in layout[len(prefix):]):
+        raise AssertionError("cached segments must come before computed ones")
+    chunk_ids = [s.chunk_id for s in prefix if s.kind == "doc"]
+    with source.fetch(chunk_ids, model.device) as got:
+        served = dict(got.served_by)
+        for cid in chunk_ids:
+            if cid not in got.tensors:
+                why = f"damaged ({got.damaged[cid]})" if cid in got.damaged else "missing"
+                log.warning(f"the stored cache of chunk {cid} is {why}; recomputed it from its text "
+                            "(ragcache verify --repair mends the index)")
+                got.tensors[cid] = _recompute(index, model, kv_attention, cid)
+                served[cid] = "recomputed"
+        parts = [query_kv if seg.kind == "query" else got.tensors[seg.chunk_id] for seg in prefix]
+        cache = adapter.assemble(parts, model.inv_freq, model.hf.config.num_hidden_layers, room, model.device,
+                                 model.dtype)  # (layers, 2, kv_heads, tokens, head_dim) each, copied in once
+    return Loaded(cache, sum(len(s.token_ids) for s in prefix), served)
+
+
+def _recompute(index: Index, model: GritModel, kv_attention: Attention, cid: int) -> torch.Tensor:
+    chunk = index.chunk(cid)
+    enc = model.encode([passage(chunk.title, chunk.text)], kv=kv_attention, embed=False)[0]
+    if enc.token_ids != chunk.token_ids:
+        raise RagcacheError(f"chunk {cid} no longer tokenises as it was indexed; rebuild the index")
+    return enc.kv

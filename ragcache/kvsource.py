@@ -1,0 +1,64 @@
+"""The one way the engine obtains a chunk's KV: a source that is given chunk ids and a device.
+
+A source answers a batch at once, and tells apart what it does not hold (`missing`: ask the next
+tier, or recompute) from what it holds but failed its checks (`damaged`: recompute, never use). The
+tensors it hands out are valid inside the `fetch` block only: the LMDB store's are views of its
+memory map, read in place, so loading copies each byte once, into the model's cache.
+
+StoreKV, over the index's LMDB store, is the first source; memory tiers and remote stores go behind
+the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+from . import kv as kvlib
+from .store import Store
+
+
+@dataclass
+class KVBatch:
+    tensors: dict[int, torch.Tensor] = field(default_factory=dict)  # id -> (layers, 2, kv_heads, tokens, head_dim)
+    missing: list[int] = field(default_factory=list)  # not held here
+    damaged: dict[int, str] = field(default_factory=dict)  # held, but failed its header or checksum: why
+    served_by: dict[int, str] = field(default_factory=dict)  # id -> the name of the source that served it
+
+
+class KVSource(Protocol):
+    name: str
+
+    def fetch(self, ids: list[int], device: torch.device) -> contextlib.AbstractContextManager[KVBatch]:
+        """The KV of `ids` on `device` (or readable from there), valid until the block ends."""
+        ...
+
+
+class StoreKV:
+    """The index's LMDB store: blobs checked and read in place from the memory map."""
+
+    name = "store"
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    @contextlib.contextmanager
+    def fetch(self, ids: list[int], device: torch.device) -> Iterator[KVBatch]:
+        batch = KVBatch()
+        with self.store.kv_views(ids) as views:
+            for cid, view in zip(ids, views):
+                if view is None:
+                    batch.missing.append(cid)
+                    continue
+                try:
+                    tensor = kvlib.deserialize(view)  # header, decompression, checksum
+                except kvlib.CorruptKV as e:
+                    batch.damaged[cid] = str(e)
+                    continue
+                # on the CPU the view itself: the one copy is into the model's cache
+                batch.tensors[cid] = tensor if torch.device(device).type == "cpu" else tensor.to(device)
+                batch.served_by[cid] = self.name
+            yield batch

@@ -1,0 +1,54 @@
+"""The words users pick from: modes, orders, attention kinds, devices and dtypes, parsed in one place.
+
+Every entry point (the Python API, the CLI, the server, `eval qa`) parses names through here, so an
+unknown name gets the same one-line error everywhere. The error names the parameter (`param`); the
+CLI turns it into its flag, the server into its field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar, get_args
+
+from .errors import RagcacheError
+
+Mode = Literal["none", "rag", "query", "doc", "query-doc", "doc-query"]
+Order = Literal["doc-first", "query-first"]
+Attention = Literal["bidirectional", "causal"]
+
+MODES: tuple[Mode, ...] = get_args(Mode)
+ORDERS: tuple[Order, ...] = get_args(Order)
+ATTENTIONS: tuple[Attention, ...] = get_args(Attention)
+QUERY_CACHED: tuple[Mode, ...] = ("query", "query-doc", "doc-query")  # modes whose question segment is cached
+
+T = TypeVar("T", bound=str)
+
+
+def _parse(value: str, allowed: tuple[T, ...], what: str, param: str) -> T:
+    if value not in allowed:
+        raise RagcacheError(f"unknown {what} '{value}': use one of {', '.join(allowed)}", param=param)
+    return value  # type: ignore[return-value]
+
+
+def mode(value: str) -> Mode:
+    return _parse(value, MODES, "mode", "mode")
+
+
+def order(value: str) -> Order:
+    return _parse(value, ORDERS, "order", "order")
+
+
+def attention(value: str) -> Attention:
+    return _parse(value, ATTENTIONS, "kv attention", "kv_attention")
+
+
+def modes(value: str) -> list[Mode]:
+    """A comma-separated list of modes, at least one."""
+    chosen = [m.strip() for m in value.split(",") if m.strip()]
+    if not chosen:
+        raise RagcacheError(f"no mode in '{value}': use a comma-separated list of {', '.join(MODES)}", param="modes")
+    return [_parse(m, MODES, "mode", "modes") for m in chosen]
+
+
+def at_least(value: int | float, low: int | float, what: str, param: str) -> None:
+    if value < low:
+        raise RagcacheError(f"{what} must be at least {low} (got {value})", param=param)
