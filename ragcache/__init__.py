@@ -12,16 +12,18 @@ __all__ = ["Answer", "GritModel", "RagCache", "RagcacheError", "Segment", "Templ
 __version__ = "0.1.0"
 
 
-class _StderrWarnings(logging.Handler):
-    """ragcache's warnings as `warning: ...` lines on stderr, looked up at each line so redirection applies.
+class _Stderr(logging.Handler):
+    """ragcache's messages on stderr, looked up at each line so redirection applies: `warning: ...` for
+    warnings, progress notes (INFO, which the CLI turns on) as they are.
 
     Applications that route logging themselves can remove it: logging.getLogger("ragcache").handlers.clear().
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        print(prefix + record.getMessage(), file=sys.stderr)
 
 
 _log = logging.getLogger("ragcache")
 _log.setLevel(logging.WARNING)
-_log.addHandler(_StderrWarnings())
+_log.addHandler(_Stderr())

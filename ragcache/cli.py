@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,6 +27,18 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: the index's, else "
                         "bfloat16 on cuda and float32 on cpu)")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text")
+
+
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"ragcache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit")) -> None:
+    """Retrieval-augmented generation on one GRIT model, reusing the KV caches of its embedding pass."""
 
 
 # The library names the parameter at fault; where its message does not say which flag that is
@@ -63,6 +77,7 @@ def _open(index: Optional[str], model: Optional[str], device: str, dtype: str, c
     from .model import GritModel, resolve_device
     from .store import check
     _quiet_transformers()
+    logging.getLogger("ragcache").setLevel(logging.INFO)  # "loading model ...": loads take seconds to minutes
     path = config.resolve_index(index)
     if model is None and not check(path, must_exist=not create):
         model = config.default_model()
@@ -103,7 +118,8 @@ def index(
     found = discover(corpus)  # the one scan of the corpus, before a model loads or an index is created
     path = config.resolve_index(index)
     check_no_writer(path)
-    if not found.files and not check(path, must_exist=False):
+    existed, folder_existed = check(path, must_exist=False), path.exists()
+    if not found.files and not existed:
         raise RagcacheError(f"nothing to index: no .txt, .md, .jsonl or .json file in {', '.join(map(str, corpus))}"
                             + (f" ({len(found.skipped)} other files skipped)" if found.skipped else ""))
     rc = _open(index, model, device, dtype, create=True, embedder=embedder)
@@ -111,6 +127,13 @@ def index(
         stats = rc.index_corpus(found, roots(corpus), chunk_tokens=chunk_tokens, kv_attention=kv_attention,
                                 prune=prune, show_progress=not as_json and sys.stderr.isatty(),
                                 batch_size=batch_size, max_file_mb=max_file_mb)
+        empty = rc.stored.count() == 0
+    if empty:  # nothing could be indexed and nothing was there: say why, and leave no empty index behind
+        if not existed:
+            _remove_new_index(path, folder_existed)
+        reasons = "; ".join(f"{p}: {why}" for p, why in stats.skipped[:3])
+        more = f" (and {len(stats.skipped) - 3} more)" if len(stats.skipped) > 3 else ""
+        raise RagcacheError(f"nothing could be indexed: {len(stats.skipped)} files skipped: {reasons}{more}")
     if as_json:
         typer.echo(json.dumps(stats.__dict__ | {"index": str(rc.store.path)}))
         return
@@ -120,6 +143,15 @@ def index(
             typer.echo(f"skipped {path}: {why}{hint}", err=True)
     hint = " (--verbose lists them)" if stats.skipped and not verbose else ""
     typer.echo(stats.summary() + hint + f" -> {rc.store.path}")
+
+
+def _remove_new_index(path: Path, folder_existed: bool) -> None:
+    """Remove an index this run created and left empty: its files, and its folder if the run made it."""
+    if not folder_existed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in ("data.mdb", "lock.mdb", "writer.lock", "vectors.faiss", "vectors.json"):
+        (path / name).unlink(missing_ok=True)
 
 
 @app.command()
@@ -143,6 +175,7 @@ def ask(
 ) -> None:
     """Answer QUESTION from the index, citing the sources."""
     from .prompts import Templates
+    vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)  # before a model loads
     tmpl = Templates.load(templates)
     rc = _open(index, model, device, dtype, create=False)
     with rc:
@@ -156,7 +189,7 @@ def ask(
         if answer.sources:
             typer.echo("\nSources:")
             for s in answer.sources:
-                typer.echo(f"  {s.line()}")
+                typer.echo("  " + s.line().replace("\n", "\n  "))
         if explain:
             decode = lambda ids: rc.model.tokenizer.decode(ids, skip_special_tokens=False)
             typer.echo("\nLayout:\n" + prompts.explain(answer.layout, decode))
@@ -242,20 +275,24 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
             out["index_info"] = {"chunks": idx.count(), "files": len(idx.files()),
                                  "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())} | \
                                 (meta.to_json() if meta else {})
+    if meta is not None:  # the index's own model is the one that answers from it
+        out["model"] = meta.model.name
     if as_json:
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(out | {"default_model": config.default_model()}, indent=2))
         return
-    typer.echo(f"ragcache {out['version']}\nhome:  {out['home']}  [RAGCACHE_HOME]\n"
-               f"index: {out['index']}  [RAGCACHE_INDEX, -i]\nmodel: {out['model']}  [RAGCACHE_MODEL, -m]")
+    typer.echo(f"ragcache {out['version']}\nindex: {out['index']}  [RAGCACHE_INDEX, -i]")
     if meta is not None:
         i, m = out["index_info"], meta.model
-        typer.echo(f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
-                   f"model {m.name} ({m.dtype}, fingerprint {m.fingerprint}); "
+        typer.echo(f"  model {m.name} ({m.dtype}, fingerprint {m.fingerprint})\n"
+                   f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
                    f"chunks of at most {meta.chunk_tokens} tokens; KV attention {meta.kv_attention}")
         if meta.embedder is not None:
             e = meta.embedder
             typer.echo(f"  retrieval by embedder {e.name} (fingerprint {e.fingerprint}, {e.dim} dimensions, "
                        f"texts cut at {e.max_tokens} tokens)")
+    else:
+        typer.echo(f"  no index there yet\nmodel: {out['model']}  [RAGCACHE_MODEL, -m] (for a new index)")
+    typer.echo(f"home:  {out['home']}  [RAGCACHE_HOME]")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure retrieval and answer quality on an index.")

@@ -42,7 +42,10 @@ def roots(paths: list[str | Path]) -> list[Path]:
 
 
 def discover(paths: list[str | Path]) -> Discovery:
-    """Expand files and folders (recursively, symlink loops cut) into the supported files, in order."""
+    """Expand files and folders (recursively, symlink loops cut) into the supported files, in order.
+
+    Files are returned by their resolved real path, which the index identifies them by.
+    """
     files, skipped, seen = [], [], set()
     for root in roots(paths):
         candidates = _walk(root) if root.is_dir() else [root]
@@ -60,7 +63,7 @@ def discover(paths: list[str | Path]) -> Discovery:
             elif not path.is_file():  # reading a pipe or a device would block or never end
                 skipped.append((path, "not a regular file" if path.exists() else "a broken symbolic link"))
             else:
-                files.append(path.absolute())
+                files.append(real)  # one file, however the path to it was spelt
     return Discovery(files, skipped)
 
 

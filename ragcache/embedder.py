@@ -10,6 +10,7 @@ scores by inner product: for them that is the cosine similarity such models are 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ class Embedder:
                                 f"it has {', '.join(kinds) or 'none'}")
         pooling = _pooling(_read_json(kinds["Pooling"] / "config.json", f"embedder '{path}' has no pooling config"), path)
         body = kinds["Transformer"]
+        logging.getLogger(__name__).info(f"loading embedder {root} …")
         settings = _read_json(body / "sentence_bert_config.json", None)
         try:
             tokenizer = AutoTokenizer.from_pretrained(body, local_files_only=True)

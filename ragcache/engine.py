@@ -112,6 +112,10 @@ class RagCache:
         with self.stored.writing():
             if self.meta is None:
                 self.stored.create(meta)
+                if meta.embedder is None and not self.model.grit_trained:
+                    warn(f"model '{self.model.name}' was not trained to embed (it is no GRIT model), so its own "
+                         "embeddings retrieve poorly; build the index with a separate embedder (--embedder PATH, "
+                         "e.g. all-MiniLM-L6-v2)")
             vectors = self.stored.vectors()
             stats = indexer.run(self.stored, self.model, self.retriever, vectors, found, roots, meta,
                                 prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
@@ -140,8 +144,8 @@ class RagCache:
 
         `on_token` gets each new piece of text; returning True stops generation there.
         """
-        mode, order = vocab.mode(mode), vocab.order(order)
-        self._check_question(question, top_k, max_new_tokens, mode)
+        mode, order = vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)
+        self._check_question(question, max_new_tokens, mode)
         kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
         timings = dict.fromkeys(("embed", "search", "kv_load", "prefill", "decode", "ttft", "total"), 0.0)
         t_start = time.perf_counter()
@@ -172,11 +176,7 @@ class RagCache:
         """
         return generation.recompute(self.model, layout, Sampling(max_new_tokens, ignore_eos=ignore_eos))
 
-    def _check_question(self, question: str, top_k: int, max_new_tokens: int, mode: vocab.Mode) -> None:
-        if not question or not question.strip():
-            raise RagcacheError("the question is empty", param="question")
-        vocab.at_least(top_k, 1, "top-k", "top_k")
-        vocab.at_least(max_new_tokens, 1, "max-new-tokens", "max_new_tokens")
+    def _check_question(self, question: str, max_new_tokens: int, mode: vocab.Mode) -> None:
         asked = len(self.model.tokenize(question)) + max_new_tokens
         if asked > self.model.max_context:  # refused before an embedding pass longer than the model can hold
             raise RagcacheError(f"the question and answer need at least {asked} tokens, more than the model's "
@@ -214,11 +214,12 @@ class RagCache:
                 raise RagcacheError(f"the question and answer need {length} tokens, more than the model's "
                                     f"context of {self.model.max_context}", param="question")
             docs.pop()
-        if len(docs) < len(hits):  # said only once the layout fits, so a failure says one thing
-            dropped = [(rank, chunks[rank - 1]) for rank in range(len(docs) + 1, len(hits) + 1)]
-            for rank, chunk in dropped:
-                log.warning(f"dropped source '{chunk.title or chunk.source}' (rank {rank}): the layout would "
-                            f"exceed the model's context of {self.model.max_context} tokens")
+        if len(docs) < len(hits):  # said once, and only once the layout fits, so a failure says one thing
+            first, last = len(docs) + 1, len(hits)
+            which = f"source '{chunks[-1].title or chunks[-1].source}' (rank {last})" if first == last else \
+                f"{last - first + 1} sources (ranks {first}-{last})"
+            log.warning(f"dropped the {which} of {len(hits)}: with them the layout would exceed the model's "
+                        f"context of {self.model.max_context} tokens")
         return layout, hits[: len(docs)]
 
 

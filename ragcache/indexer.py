@@ -1,7 +1,8 @@
 """Corpus -> chunks -> one forward pass per chunk -> (embedding, KV) -> store.
 
 Re-runs are incremental: a file whose bytes hash as before is skipped, a changed file is replaced
-whole, and files that vanished from under the given roots are pruned (unless prune=False).
+whole, a file a killed run left part-way resumes after its committed chunks, and files that vanished
+from under the given roots are pruned (unless prune=False).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from rich.progress import (
@@ -28,6 +29,7 @@ from .meta import IndexMeta
 from .model import GritModel
 from .records import Chunk
 from .retriever import Retriever
+from .store import FilePart
 from .vectors import Vectors
 
 BATCH_CHUNKS = 32  # chunks gathered across files before one round of forward passes
@@ -58,12 +60,17 @@ class _Pending:
     file_hash: str
     chunks: list[Chunk]  # token_ids filled in by the forward pass
     passages: list[str]
+    done: int = 0  # chunks a cut-short run already committed (same bytes): the run resumes after them
 
 
 def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, found: corpus.Discovery,
         roots: list[Path], meta: IndexMeta, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
         warn: Callable[[str], None] = lambda m: None, max_file_mb: float = corpus.MAX_FILE_MB) -> IndexStats:
-    """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches."""
+    """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches.
+
+    Chunks are encoded and committed BATCH_CHUNKS at a time, across files and within one, so memory
+    stays bounded whatever a file's size, and a run cut short loses at most one batch.
+    """
     t0 = time.perf_counter()
     store = index.store
     stats = IndexStats()
@@ -72,11 +79,12 @@ def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, 
 
     pending: list[_Pending] = []
     for path in found.files:
-        source = str(path)
+        source = str(path)  # the resolved real path: one file, however it was named
+        held = known.get(source)
         try:
             data = corpus.read(path, max_file_mb)
             file_hash = corpus.content_hash(data)
-            if source in known and known[source].hash == file_hash:
+            if held is not None and held.hash == file_hash and held.complete:
                 stats.files_unchanged += 1
                 continue
             docs, warnings = corpus.parse(path, data)
@@ -86,35 +94,47 @@ def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, 
         for w in warnings:
             warn(w)
         stats.warnings += warnings
-        pending.append(_chunk_file(source, file_hash, docs, model, meta.chunk_tokens))
+        work = _chunk_file(source, file_hash, docs, model, meta.chunk_tokens)
+        if not work.chunks:
+            stats.skipped.append((source, "empty"))
+            if held is not None:  # it held text before: what was stored for it goes
+                vectors.remove(store.remove_file(source))
+                stats.files_removed += 1
+            continue
+        if held is not None and held.hash == file_hash:  # cut short before: resume after what was committed
+            work.done = len(held.chunks)
+        pending.append(work)
 
     if prune:
-        absolute = [r.absolute() for r in roots]
+        real_roots = [r.resolve() for r in roots]
         seen = {str(p) for p in found.files}
         for source in known:
-            if source not in seen and any(Path(source).is_relative_to(r) for r in absolute):
+            if source not in seen and any(Path(source).is_relative_to(r) for r in real_roots):
                 vectors.remove(store.remove_file(source))
                 stats.files_removed += 1
 
-    total = sum(len(p.chunks) for p in pending)
+    total = sum(len(p.chunks) - p.done for p in pending)
     with _progress(show_progress, total) as advance:
-        for group in _groups(pending):
-            passages = [text for p in group for text in p.passages]
+        for batch in _batches(pending):
+            passages = [p.passages[i] for p, start, end in batch for i in range(start, end)]
             encoded = retriever.encode(passages, kv=meta.kv_attention, batch_size=batch_size)
-            for p in group:
-                mine, encoded = encoded[: len(p.chunks)], encoded[len(p.chunks):]
+            parts, embeddings = [], []
+            for p, start, end in batch:
+                mine, encoded = encoded[: end - start], encoded[end - start :]
                 rows = []
-                for chunk, enc in zip(p.chunks, mine):
+                for chunk, enc in zip(p.chunks[start:end], mine):
                     chunk.token_ids = enc.token_ids
                     rows.append((chunk, enc.embedding, kvlib.serialize(enc.kv)))
-                removed, added = store.put_file(p.source, p.file_hash, rows)
+                parts.append(FilePart(p.source, p.file_hash, rows, fresh=start == 0, complete=end == len(p.chunks)))
+                embeddings.append(np.stack([e.embedding for e in mine]))
+            for (removed, added), vecs in zip(store.put_batch(parts), embeddings):
                 vectors.remove(removed)
-                if mine:
-                    vectors.add(added, np.stack([e.embedding for e in mine]))
-                stats.files_indexed += 1
-                stats.chunks += len(mine)
-                stats.tokens += sum(len(e.token_ids) for e in mine)
-                advance(len(mine), sum(len(e.token_ids) for e in mine))
+                vectors.add(added, vecs)
+            tokens = sum(len(row[0].token_ids) for part in parts for row in part.rows)
+            stats.files_indexed += sum(part.complete for part in parts)
+            stats.chunks += len(passages)
+            stats.tokens += tokens
+            advance(len(passages), tokens)
     stats.files_skipped = len(stats.skipped)
     stats.seconds = time.perf_counter() - t0
     return stats
@@ -130,17 +150,21 @@ def _chunk_file(source: str, file_hash: str, docs: list[corpus.Document], model:
     return _Pending(source, file_hash, records, passages)
 
 
-def _groups(pending: list[_Pending]):
-    """Whole files, gathered until a group holds at least BATCH_CHUNKS chunks."""
-    group, size = [], 0
+def _batches(pending: list[_Pending]) -> Iterator[list[tuple[_Pending, int, int]]]:
+    """Runs of BATCH_CHUNKS chunks, as (file, first, end) spans: small files share a batch, big ones span several."""
+    batch, size = [], 0
     for p in pending:
-        group.append(p)
-        size += len(p.chunks)
-        if size >= BATCH_CHUNKS:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+        start = p.done
+        while start < len(p.chunks):
+            end = min(len(p.chunks), start + BATCH_CHUNKS - size)
+            batch.append((p, start, end))
+            size += end - start
+            start = end
+            if size == BATCH_CHUNKS:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
 class _progress:

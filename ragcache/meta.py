@@ -14,7 +14,7 @@ from .errors import RagcacheError
 from .prompts import PROMPT_FORMAT
 from .vocab import Attention
 
-STORE_FORMAT = 2  # the LMDB databases and their records (store.py); 2: KV blobs carry a codec and a checksum
+STORE_FORMAT = 3  # the LMDB databases and their records (store.py); 3: files commit in batches ("complete")
 KV_FORMAT = 2  # the KV blob header (kv.py)
 VECTORS_FORMAT = 1  # the FAISS view and its stamp file (vectors.py)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from .errors import RagcacheError
 from .meta import ModelIdentity
 from .progress import bar
 from .vocab import Attention
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "GritLM/GritLM-7B"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -120,6 +123,7 @@ class GritModel:
         if looks_local and not path.is_dir():
             raise RagcacheError(f"no model directory at '{name_or_path}'", param="model")
         source = str(path) if path.is_dir() else name_or_path
+        log.info(f"loading model {source} …")
         try:
             tokenizer, hf = adapter.load_causal_lm(source, torch_dtype,
                                                    local_only=path.is_dir() or not _hub_reachable())
@@ -146,6 +150,14 @@ class GritModel:
         cfg = self.hf.config
         return ModelIdentity(self.name, self.fingerprint(), dtype_name(self.dtype), cfg.num_hidden_layers,
                              getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    @property
+    def grit_trained(self) -> bool:
+        """Whether the model was trained to embed (GRIT): `<|embed|>` in its vocabulary or chat template,
+        or a GritLM model by name. Others can generate from caches, but their own embeddings retrieve poorly."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return ("<|embed|>" in self.tokenizer.get_vocab() or "<|embed|>" in str(template)
+                or "gritlm" in self.name.lower())
 
     @property
     def dim(self) -> int:

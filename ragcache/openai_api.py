@@ -104,6 +104,7 @@ class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option must not silently fall back to a default
     mode: str = "doc"
     top_k: int = Field(3, ge=1)
+    sources_in_text: bool = False  # also close the message with the sources block (they return in chat history)
     order: str = "doc-first"
 
 

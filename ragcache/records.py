@@ -35,10 +35,15 @@ class Chunk:
 
 @dataclass
 class FileRecord:
-    """One indexed file: the hash of its bytes and the chunks it owns, in order."""
+    """One indexed file: the hash of its bytes and the chunks it owns, in order.
+
+    A file is committed in batches of chunks; `complete` turns true with its last batch. An
+    incomplete record is a run cut short: the next run with the same bytes resumes after its chunks.
+    """
 
     hash: str
     chunks: list[int]
+    complete: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,9 +55,12 @@ class Hit:
     score: float
 
 
+EXCERPT_CHARS = 80
+
+
 @dataclass
 class Source:
-    """A retrieved chunk as an answer cites it."""
+    """A retrieved chunk as an answer cites it: which passage (record id, character span) and a glimpse of it."""
 
     rank: int
     chunk_id: int
@@ -62,15 +70,20 @@ class Source:
     source: str
     start: int
     end: int
+    excerpt: str
 
     @classmethod
     def of(cls, rank: int, hit: Hit, chunk: Chunk) -> "Source":
+        text = " ".join(chunk.text.split())
+        excerpt = text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1].rstrip() + "…"
         return cls(rank, hit.chunk_id, round(hit.score, 6), chunk.doc_id, chunk.title, chunk.source, chunk.start,
-                   chunk.end)
+                   chunk.end, excerpt)
 
     def line(self) -> str:
-        """How `ask` and the server's sources block print it."""
-        return f"[{self.rank}] {self.title or self.doc_id} - {self.source} (score {self.score:.3f})"
+        """How `ask` and the server's sources block print it: two lines, the passage and its excerpt."""
+        name = f"{self.title} ({self.doc_id})" if self.title else self.doc_id
+        return (f"[{self.rank}] {name}, chars {self.start}-{self.end} of {self.source} (score {self.score:.3f})\n"
+                f"    \"{self.excerpt}\"")
 
     def to_dict(self) -> dict:
         return asdict(self)

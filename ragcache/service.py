@@ -50,11 +50,12 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     sources: list[Source] | None  # None for plain chat
+    sources_in_text: bool = False
 
     @property
     def sources_text(self) -> str:
-        """The sources as the reply's closing lines, as `ragcache ask` prints them."""
-        if not self.sources:
+        """The sources as the reply's closing lines, as `ragcache ask` prints them, when the request asks."""
+        if not self.sources or not self.sources_in_text:
             return ""
         return "\n\nSources:\n" + "\n".join(s.line() for s in self.sources)
 
@@ -193,7 +194,8 @@ class Service:
             emit(tail)
         finish = "length" if len(answer.token_ids) >= chat.max_tokens and not text.hit else "stop"
         return Reply(text.text if text.hit else answer.answer, finish, sum(len(s.token_ids) for s in answer.layout),
-                     len(answer.token_ids), answer.sources if chat.rag else None)
+                     len(answer.token_ids), answer.sources if chat.rag else None,
+                     bool(chat.rag and chat.rag.sources_in_text))
 
 
 def _turn(i: int, message: Message) -> tuple[str, str]:

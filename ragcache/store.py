@@ -12,8 +12,13 @@ Named databases:
   emb     id (u64 BE)       -> float32 bytes of the pooled, L2-normalised embedding
   kv      id (u64 BE)       -> a KV blob (see kv.py): header + raw or zstd bytes
 
-A file's chunks, embeddings, KV blobs and its `files` record are written in one transaction, so a
-file is in the index whole or not at all, whenever the writer dies. Readers see the last committed
+Files are identified by their resolved real path. A file's chunks are committed in batches: each
+batch's chunks, embeddings, KV blobs and the file's `files` record are one transaction, and the record
+says `complete` only with the file's last batch. Whenever the writer dies, every chunk is whole (text,
+embedding and KV, or none of them) and each file holds a prefix of its chunks; the next run resumes.
+
+Before any page is read, the data file's size is checked against LMDB's own account of its last page:
+a truncated data.mdb would otherwise kill the process with SIGBUS when a missing page is touched. Readers see the last committed
 snapshot while the one writer works; when another process has grown the map, a reader adopts its size.
 """
 
@@ -24,6 +29,7 @@ import fcntl
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +40,7 @@ from .errors import RagcacheError
 from .records import Chunk, FileRecord
 
 _ID = struct.Struct(">Q")
+_PAGE = os.sysconf("SC_PAGE_SIZE")  # LMDB's page size: the OS's
 _MAP_SIZE = 1 << 36  # 64 GiB of address space to start; LMDB files stay sparse, and it doubles when full
 
 
@@ -50,6 +57,9 @@ class Store:
         """Open the index at `path`, creating it when `create`; readers and the writer share one env."""
         self.path = path
         check(path, must_exist=not create)
+        data = path / "data.mdb"
+        if data.exists() and data.stat().st_size < 2 * _PAGE:  # not even LMDB's two meta pages
+            raise _truncated(data, data.stat().st_size, 2 * _PAGE)
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.env = lmdb.open(str(path), map_size=_MAP_SIZE, max_dbs=8, lock=True)
@@ -57,11 +67,19 @@ class Store:
         except (OSError, lmdb.Error) as e:
             raise RagcacheError(f"cannot open the index at '{path}': {e}") from None
         try:
+            self._check_size()
             self.db = self._open_dbs(create)
         except BaseException:
             self.env.close()
             raise
         self._lock = None
+
+    def _check_size(self) -> None:
+        """The data file must hold every page LMDB has committed (read from the meta pages, not the map)."""
+        needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        size = (self.path / "data.mdb").stat().st_size
+        if size < needed:
+            raise _truncated(self.path / "data.mdb", size, needed)
 
     def _open_dbs(self, create: bool) -> dict:
         """The named databases; a writer creates those missing, as after a first run killed mid-creation."""
@@ -107,6 +125,11 @@ class Store:
         with self._begin(db=self.db["files"]) as txn:
             return {k.decode(): FileRecord(**json.loads(v)) for k, v in txn.cursor()}
 
+    def file(self, source: str) -> FileRecord | None:
+        with self._begin(db=self.db["files"]) as txn:
+            raw = txn.get(source.encode())
+        return FileRecord(**json.loads(raw)) if raw else None
+
     def chunk(self, cid: int) -> Chunk:
         with self._begin(db=self.db["chunks"]) as txn:
             raw = txn.get(key(cid))
@@ -148,22 +171,45 @@ class Store:
     def set_meta(self, meta: dict) -> None:
         self._write(lambda txn: txn.put(b"index", json.dumps(meta).encode(), db=self.db["meta"]))
 
-    def put_file(self, source: str, file_hash: str,
-                 chunks: list[tuple[Chunk, np.ndarray, bytes]]) -> tuple[list[int], list[int]]:
-        """Replace everything stored for `source` with `chunks` in one transaction: (removed, added) ids."""
+    def put_batch(self, parts: list[FilePart]) -> list[tuple[list[int], list[int]]]:
+        """Commit parts of files in one transaction; for each part, the (removed, added) chunk ids.
+
+        A part marked `fresh` first drops everything stored for its file (an older version, or a
+        cut-short run over other bytes); later parts append to the file's record.
+        """
         def work(txn):
-            removed = self._drop(txn, source)
             raw = txn.get(b"next_id", db=self.db["meta"])
             next_id = int(raw) if raw else 0
-            added = list(range(next_id, next_id + len(chunks)))
-            for cid, (chunk, emb, blob) in zip(added, chunks):
-                txn.put(key(cid), json.dumps(chunk.to_json()).encode(), db=self.db["chunks"])
-                txn.put(key(cid), np.asarray(emb, dtype=np.float32).tobytes(), db=self.db["emb"])
-                txn.put(key(cid), blob, db=self.db["kv"])
-            txn.put(b"next_id", str(next_id + len(chunks)).encode(), db=self.db["meta"])
-            txn.put(source.encode(), json.dumps(FileRecord(file_hash, added).to_json()).encode(), db=self.db["files"])
-            return removed, added
+            out = []
+            for part in parts:
+                removed = self._drop(txn, part.source) if part.fresh else []
+                held = txn.get(part.source.encode(), db=self.db["files"])
+                record = FileRecord(**json.loads(held)) if held else FileRecord(part.file_hash, [], False)
+                added = list(range(next_id, next_id + len(part.rows)))
+                next_id += len(part.rows)
+                for cid, (chunk, emb, blob) in zip(added, part.rows):
+                    txn.put(key(cid), json.dumps(chunk.to_json()).encode(), db=self.db["chunks"])
+                    txn.put(key(cid), np.asarray(emb, dtype=np.float32).tobytes(), db=self.db["emb"])
+                    txn.put(key(cid), blob, db=self.db["kv"])
+                record.chunks += added
+                record.complete = part.complete
+                txn.put(part.source.encode(), json.dumps(record.to_json()).encode(), db=self.db["files"])
+                out.append((removed, added))
+            txn.put(b"next_id", str(next_id).encode(), db=self.db["meta"])
+            return out
         return self._write(work)
+
+    def rename_file(self, old: str, new: str) -> None:
+        """File `old`'s record and chunks under the name `new` (verify --repair: paths made real)."""
+        def work(txn):
+            record = FileRecord(**json.loads(txn.get(old.encode(), db=self.db["files"])))
+            for cid in record.chunks:
+                raw = txn.get(key(cid), db=self.db["chunks"])
+                if raw is not None:
+                    txn.put(key(cid), json.dumps(json.loads(raw) | {"source": new}).encode(), db=self.db["chunks"])
+            txn.delete(old.encode(), db=self.db["files"])
+            txn.put(new.encode(), json.dumps(record.to_json()).encode(), db=self.db["files"])
+        self._write(work)
 
     def remove_file(self, source: str) -> list[int]:
         return self._write(lambda txn: self._drop(txn, source))
@@ -189,7 +235,7 @@ class Store:
         raw = txn.get(source.encode(), db=self.db["files"])
         if raw is None:
             return []
-        ids = json.loads(raw)["chunks"]
+        ids = FileRecord(**json.loads(raw)).chunks
         for cid in ids:
             for name in ("chunks", "emb", "kv"):
                 txn.delete(key(cid), db=self.db[name])
@@ -222,6 +268,23 @@ class Store:
                     raise RagcacheError(f"cannot write to the index '{self.path}': the disk is full; {kept}: free "
                                         "some space and run the same command again to resume") from None
                 raise RagcacheError(f"cannot write to the index '{self.path}': {e}; {kept}") from None
+
+
+@dataclass
+class FilePart:
+    """A batch of one file's chunks, ready to commit: (chunk, embedding, KV blob) each."""
+
+    source: str
+    file_hash: str
+    rows: list[tuple[Chunk, np.ndarray, bytes]]
+    fresh: bool  # the file's first batch in this run: whatever was stored for it goes first
+    complete: bool  # the file's last batch
+
+
+def _truncated(data: Path, size: int, needed: int) -> RagcacheError:
+    return RagcacheError(f"the index file '{data}' is truncated ({size:,} bytes, but its committed pages end at "
+                         f"{needed:,}); restore it from a backup, or delete the index folder and build it again "
+                         "with ragcache index")
 
 
 def check(path: Path, must_exist: bool) -> bool:

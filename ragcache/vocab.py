@@ -52,3 +52,14 @@ def modes(value: str) -> list[Mode]:
 def at_least(value: int | float, low: int | float, what: str, param: str) -> None:
     if value < low:
         raise RagcacheError(f"{what} must be at least {low} (got {value})", param=param)
+
+
+def ask_arguments(question: str, mode_name: str, order_name: str, top_k: int,
+                  max_new_tokens: int) -> tuple[Mode, Order]:
+    """Check a question's arguments, none of which needs the model: the parsed mode and order."""
+    parsed = mode(mode_name), order(order_name)
+    if not question or not question.strip():
+        raise RagcacheError("the question is empty", param="question")
+    at_least(top_k, 1, "top-k", "top_k")
+    at_least(max_new_tokens, 1, "max-new-tokens", "max_new_tokens")
+    return parsed

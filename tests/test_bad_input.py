@@ -13,6 +13,7 @@ import pytest
 from conftest import build_model
 from typer.testing import CliRunner
 
+from ragcache import indexer
 from ragcache.cli import app
 
 runner = CliRunner()
@@ -26,9 +27,9 @@ def run(*args):
 
 
 def fails(*args, message: str) -> str:
-    """The command exits 1 with exactly one line, `error: ...`, that holds `message`."""
+    """The command exits 1 with exactly one line, `error: ...`, that holds `message` (beside notes and warnings)."""
     result = run(*args)
-    lines = result.output.strip().splitlines()
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith(("loading ", "warning: "))]
     assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert message in lines[0], lines[0]
     return lines[0]
@@ -42,7 +43,7 @@ def index(tmp_path_factory, model_dir, corpus_dir):
 
 
 def _chunks(index) -> int:
-    return json.loads(run("info", "-i", index, "--json").output)["index_info"]["chunks"]
+    return json.loads(run("info", "-i", index, "--json").stdout)["index_info"]["chunks"]
 
 
 # ---- paths ---------------------------------------------------------------------------------------------
@@ -111,16 +112,17 @@ def test_bad_files_and_records_are_skipped_and_counted(tmp_path, model_dir):
     idx = tmp_path / "idx"
     result = run("index", corpus, "-i", idx, "-m", model_dir, "--verbose")
     assert result.exit_code == 0, result.output
-    assert "indexed 4 files" in result.output and "3 skipped" in result.output  # empty.txt: indexed, no chunks
+    assert "indexed 3 files" in result.output and "4 skipped" in result.output  # empty.txt: skipped, empty
     for line in (f"skipped {corpus / 'latin1.txt'}: not UTF-8 (byte 3)",
                  f"skipped {corpus / 'image.txt'}: binary content",
+                 f"skipped {corpus / 'empty.txt'}: empty",
                  f"skipped {corpus / 'huge.txt'}: 50.0 MB, over the 20 MB limit (--max-file-mb raises it)",
                  f"warning: {corpus / 'lines.jsonl'}:2: not valid JSON, line skipped",
                  f"warning: {corpus / 'lines.jsonl'}:3: record has no 'text' string, skipped",
                  f"warning: {corpus / 'records.json'}[0]: record has no 'text' string, skipped"):
         assert line in result.output.splitlines(), line
-    info = json.loads(run("info", "-i", idx, "--json").output)["index_info"]
-    assert (info["chunks"], info["files"]) == (4, 4)  # good, two JSONL records, one JSON record; empty.txt
+    info = json.loads(run("info", "-i", idx, "--json").stdout)["index_info"]
+    assert (info["chunks"], info["files"]) == (4, 3)  # good, two JSONL records, one JSON record
     fails("index", corpus, "-i", idx, "--max-file-mb", "0", message="--max-file-mb must be more than 0")
 
 
@@ -131,7 +133,7 @@ def test_question_longer_than_the_context(index):
 
 def test_top_k_larger_than_the_corpus_takes_every_chunk(index):
     result = run("ask", QUESTION, "-i", index, "-k", "1000", "--json", "--max-new-tokens", "1")
-    assert result.exit_code == 0 and len(json.loads(result.output)["sources"]) == _chunks(index)
+    assert result.exit_code == 0 and len(json.loads(result.stdout)["sources"]) == _chunks(index)
 
 
 # ---- the index itself ----------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def test_index_from_a_newer_ragcache(tmp_path, index, corpus_dir):
         txn.put(b"index", json.dumps(meta | {"format_version": 99}).encode())
     env.close()
     for command in (["ask", QUESTION], ["index", corpus_dir], ["verify", "--repair"]):
-        fails(*command, "-i", newer, message="has format version 99, newer than this ragcache (2); upgrade ragcache")
+        fails(*command, "-i", newer, message="has format version 99, newer than this ragcache (3); upgrade ragcache")
 
 
 class _FullDisk:
@@ -190,17 +192,18 @@ def test_disk_full_during_indexing(tmp_path, model_dir, corpus_dir, monkeypatch)
     idx = tmp_path / "idx"
     real_open = lmdb.open
     with monkeypatch.context() as m:
-        m.setattr(lmdb, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room=3))  # the meta, then 2 files
+        m.setattr(indexer, "BATCH_CHUNKS", 1)  # a commit a chunk: facts.jsonl's two, then france.txt's one
+        m.setattr(lmdb, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room=4))  # the meta, then 2 files
         fails("index", corpus_dir, "-i", idx, "-m", model_dir,
               message=f"cannot write to the index '{idx}': the disk is full; everything committed before is kept")
     result = run("verify", "-i", idx)  # the two files written before are whole; FAISS was never saved
-    assert result.exit_code == 1 and result.output.splitlines()[-1].endswith("from 2 files: 1 problem")
+    assert result.exit_code == 1 and result.stdout.splitlines()[-1].endswith("from 2 files: 1 problem")
     assert "index: faiss: missing" in result.output
     with monkeypatch.context() as m:  # the disk fills up as the vector index is saved
         m.setattr("faiss.write_index", lambda *a: (_ for _ in ()).throw(RuntimeError("write error: No space left")))
         result = run("index", corpus_dir, "-i", idx)
     assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr.splitlines() == [  # what was rebuilt, then why it could not be saved
+    assert [line for line in result.stderr.splitlines() if not line.startswith("loading ")] == [  # what was rebuilt, then why it could not be saved
         "warning: the vector index was missing (an interrupted run?); rebuilt it from 3 stored embeddings",
         f"error: cannot save the vector index '{idx / 'vectors.faiss'}' (write error: No space left); the stored "
         "chunks are safe and it is rebuilt from them when the index is next opened"]

@@ -36,7 +36,7 @@ def index(tmp_path_factory, model_dir, corpus_dir):
 def test_index_again_is_a_no_op(index, corpus_dir):
     result = run("index", corpus_dir, "-i", index, "--json")
     assert result.exit_code == 0
-    assert json.loads(result.output)["files_unchanged"] == 4
+    assert json.loads(result.stdout)["files_unchanged"] == 4
 
 
 @pytest.mark.parametrize("mode", ["none", "rag", "query", "doc", "query-doc", "doc-query"])
@@ -52,7 +52,7 @@ def test_ask_every_mode(index, mode):
 def test_ask_json(index):
     result = run("ask", "Where is Berlin?", "-i", index, "--json", "-k", "1", "--max-new-tokens", "3",
                  "--mode", "rag", "--order", "query-first")
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)
     assert len(out["sources"]) == 1 and out["layout"][0]["kind"] == "query"
 
 
@@ -97,7 +97,7 @@ def test_info_prints_the_home(index, tmp_path):
     result = run("info", "-i", index, env={"RAGCACHE_HOME": str(tmp_path / "home")})
     assert result.exit_code == 0
     assert str(tmp_path / "home") in result.output and "chunks" in result.output
-    out = json.loads(run("info", "-i", index, "--json").output)
+    out = json.loads(run("info", "-i", index, "--json").stdout)
     assert out["index_info"]["chunks"] > 0
 
 

@@ -1,7 +1,6 @@
 """The equivalence contract, idempotent re-indexing and model identity, on a tiny random model."""
 
 import json
-import re
 
 import pytest
 import torch
@@ -104,10 +103,26 @@ def test_context_overflow_drops_lowest_ranked(tmp_path, capsys):
         answer = rc.ask(QUESTION, mode="doc", top_k=4, max_new_tokens=8)
         assert 1 <= len(answer.sources) < 4
         assert sum(len(s.token_ids) for s in answer.layout) + 8 <= 96
-        ranks = re.findall(r"dropped source .*\(rank (\d)\)", capsys.readouterr().err)
-        assert ranks == [str(r) for r in range(len(answer.sources) + 1, 5)]  # the lowest ranked, best first
+        err = capsys.readouterr().err
+        kept = len(answer.sources)
+        said = "(rank 4) of 4" if kept == 3 else f"{4 - kept} sources (ranks {kept + 1}-4) of 4"
+        assert said in err and err.count("dropped") == 1  # the lowest ranked, said once
         with pytest.raises(RagcacheError, match="context"):
             rc.ask("word " * 200, mode="doc", top_k=1)
+
+
+def test_a_huge_top_k_warns_once(tmp_path, capsys):
+    small = GritModel.load(str(build_model(tmp_path / "m", max_positions=128)), device="cpu", dtype="float32")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i}.txt").write_text(f"Document {i} says that Paris is the capital of France.")
+    with RagCache.open(tmp_path / "idx", model=small) as rc:
+        rc.index([corpus])
+        capsys.readouterr()
+        answer = rc.ask(QUESTION, mode="doc", top_k=100_000, max_new_tokens=4)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"sources (ranks {len(answer.sources) + 1}-30) of 30" in err[0], err
 
 
 def test_another_model_is_refused(tmp_path, model, corpus_dir):

@@ -146,7 +146,7 @@ def test_cli_index_with_embedder_then_eval_retrieval(tmp_path, model_dir, embedd
     result = run("eval", "retrieval", "-i", index, "--queries", beir / "queries.jsonl", "--qrels", beir / "qrels.tsv",
                  "--out", out, "--json")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["query_id"] for r in rows] == ["q1", "q2"] and summary["queries"] == 2
     for row in rows:
@@ -182,7 +182,7 @@ def test_cli_eval_qa(tmp_path, model_dir, corpus_dir):
         assert {"kind", "tokens", "cached"} <= set(r["layout"][0]) and r["timings_ms"]["total"] > 0
     result = run("eval", "qa", "-i", index, "--questions", questions, "--modes", "doc", "--limit", 1,
                  "--max-new-tokens", 2, "--out", out, "--json")
-    summary = json.loads(result.output)["modes"]
+    summary = json.loads(result.stdout)["modes"]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["mode"] for s in summary] == ["doc"] and summary[0]["questions"] == len(rows) == 1
     assert [summary[0][k] for k in metrics.QA_NAMES] == [100 * rows[0][k] for k in metrics.QA_NAMES]

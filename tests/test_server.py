@@ -218,7 +218,9 @@ def test_seed_makes_sampling_repeatable(served):
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "none"])
 def test_rag_replies_cite_sources(served, mode):
-    rag = {"mode": mode, "top_k": 2, "order": "query-first"}
+    plain = chat(served, max_tokens=5, extra_body={"rag": {"mode": mode, "top_k": 2, "order": "query-first"}})
+    assert "Sources:" not in plain.choices[0].message.content and len(plain.sources) == 2  # structured only
+    rag = {"mode": mode, "top_k": 2, "order": "query-first", "sources_in_text": True}
     reply = chat(served, max_tokens=5, extra_body={"rag": rag})
     expected = ask_engine(served, QUESTION, mode=mode, top_k=2, order="query-first", max_new_tokens=5)
     content = reply.choices[0].message.content

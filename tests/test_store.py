@@ -6,22 +6,26 @@ from conftest import spans
 from ragcache import RagCache
 from ragcache import store as storelib
 from ragcache.records import Chunk
-from ragcache.store import Store
+from ragcache.store import FilePart, Store
 
 
 def test_files_and_chunks_round_trip_as_typed_records(tmp_path):
     store = Store(tmp_path / "idx", create=True)
     try:
         chunk = Chunk("d1", "Title", "Some text.", "/corpus/a.txt", 0, 10, [1, 2, 3])
-        removed, added = store.put_file("/corpus/a.txt", "h1", [(chunk, np.ones(4, np.float32) / 2, b"blob")])
+        row = (chunk, np.ones(4, np.float32) / 2, b"blob")
+        [(removed, added)] = store.put_batch([FilePart("/corpus/a.txt", "h1", [row], fresh=True, complete=True)])
         assert removed == [] and len(added) == 1
         assert store.chunk(added[0]) == chunk
         assert store.files()["/corpus/a.txt"].hash == "h1" and store.files()["/corpus/a.txt"].chunks == added
         with store.kv_views([added[0], 99]) as views:
             assert bytes(views[0]) == b"blob" and views[1] is None  # absent is None, not an error
-        removed, again = store.put_file("/corpus/a.txt", "h2", [(chunk, np.ones(4, np.float32) / 2, b"b2")])
-        assert removed == added and again != added and store.count() == 1
-        assert store.remove_file("/corpus/a.txt") == again and store.count() == 0 and store.files() == {}
+        [(removed, again)] = store.put_batch([FilePart("/corpus/a.txt", "h2", [row], fresh=True, complete=False)])
+        assert not store.file("/corpus/a.txt").complete
+        [(none, more)] = store.put_batch([FilePart("/corpus/a.txt", "h2", [row], fresh=False, complete=True)])
+        assert none == [] and store.file("/corpus/a.txt").chunks == again + more and store.file("/corpus/a.txt").complete
+        assert removed == added and again != added and store.count() == 2
+        assert store.remove_file("/corpus/a.txt") == again + more and store.count() == 0 and store.files() == {}
     finally:
         store.close()
 
