@@ -3,7 +3,8 @@
 Per chunk: its record parses; its embedding is present, of the index's dimension, finite and of unit
 length; its KV blob has our header, decompresses, matches its xxh3 checksum and holds exactly the
 chunk's tokens for the index's model and dtype; exactly one file record owns it, and every chunk a
-file record lists exists. Then the saved FAISS view must hold the same ids and vectors as LMDB. The
+file record lists exists. Each file is recorded once, by its resolved real path (an index written
+before ragcache resolved paths may hold a file twice). Then the saved FAISS view must hold the same ids and vectors as LMDB. The
 model's fingerprint is checked when the index is opened (RagCache.open refuses any other model).
 
 All checks read one LMDB snapshot, so a concurrent `index` cannot make them disagree with each other.
@@ -11,12 +12,14 @@ All checks read one LMDB snapshot, so a concurrent `index` cannot make them disa
 repair=True, under the writer lock: a damaged or missing KV blob or embedding is recomputed from the
 chunk's text with the index's model and KV attention. A chunk whose text is lost cannot be, so the
 record of the file it came from is dropped and `ragcache index` reads that file again. Parts that no
-file owns are deleted. Last, FAISS is rebuilt from LMDB and saved.
+file owns are deleted. A file recorded twice keeps one record (the real path's); one recorded by
+another path is recorded by its real one. Last, FAISS is rebuilt from LMDB and saved.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -86,6 +89,8 @@ class _Found:
     drop_files: dict[str, set[int]] = field(default_factory=dict)  # file -> its chunks that cannot be mended
     orphans: set[int] = field(default_factory=set)  # chunks no file owns
     faiss: Problem | None = None
+    renames: list[tuple[str, str, Problem]] = field(default_factory=list)  # (recorded path, real path, problem)
+    path_twins: list[tuple[str, Problem]] = field(default_factory=list)  # another record of a file recorded already
 
 
 def _check(rc: RagCache) -> tuple[Report, _Found]:
@@ -141,8 +146,10 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
             problem(cid, "record", "is missing: the chunk's text is lost")
 
         owners: dict[int, list[str]] = {}
+        sources: list[str] = []
         for k, v in txn.cursor(db=store.db["files"]):
             source = bytes(k).decode()
+            sources.append(source)
             report.files += 1
             for cid in FileRecord(**json.loads(bytes(v))).chunks:
                 owners.setdefault(cid, []).append(source)
@@ -166,6 +173,7 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
     for cid in sorted(records - owners.keys()):
         problem(cid, "file", "no file owns it")
         found.orphans.add(cid)
+    _check_paths(sources, found, problem)
 
     report.problems.sort(key=lambda p: (p.chunk_id is None, p.chunk_id or 0))  # stable: by chunk, then part
     saved = Vectors.load(store.path / "vectors.faiss", stamp)
@@ -178,6 +186,24 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
         if not same:
             found.faiss = problem(None, "faiss", "does not hold the same vectors as LMDB")
     return report, found
+
+
+def _check_paths(sources: list[str], found: _Found, problem) -> None:
+    """A file is recorded once, by its resolved real path: spelt otherwise, or twice, it is mended."""
+    by_real: dict[str, list[str]] = {}
+    for source in sources:
+        by_real.setdefault(os.path.realpath(source), []).append(source)
+    for real, names in sorted(by_real.items()):
+        if names == [real]:
+            continue
+        keep = real if real in names else names[0]
+        for name in names:
+            if name == keep and keep != real:
+                found.renames.append((name, real, problem(None, "file", f"'{name}' is recorded by a path that is "
+                                                                        f"not its real one, '{real}'")))
+            elif name != keep:
+                found.path_twins.append((name, problem(None, "file", f"'{name}' is the same file as '{keep}', "
+                                                                      "recorded twice: its chunks are duplicates")))
 
 
 def _repair(rc: RagCache, found: _Found) -> None:
@@ -207,6 +233,13 @@ def _repair(rc: RagCache, found: _Found) -> None:
         store.remove_chunks(sorted(found.orphans))
     for cid in found.orphans:
         mark(cid, "deleted: no file owns it", True)
+    for source, p in found.path_twins:
+        store.remove_file(source)
+        p.fix, p.repaired = "dropped that record and its duplicate chunks", True
+    for source, real, p in found.renames:
+        if store.file(source) is not None:
+            store.rename_file(source, real)
+        p.fix, p.repaired = f"recorded it as '{real}'", True
     rc.stored.rebuild_vectors()
     if found.faiss is not None:
         found.faiss.fix, found.faiss.repaired = "rebuilt from LMDB", True
