@@ -27,6 +27,11 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16 (auto: the index's, else "
                         "bfloat16 on cuda and float32 on cpu)")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text")
+GpuCacheOpt = typer.Option(None, "--gpu-cache-gb", envvar="RAGCACHE_GPU_CACHE_GB", help="GPU memory for warm chunk "
+                           "caches (LRU; default: none for ask, half the free memory for serve and eval)")
+HostCacheOpt = typer.Option(None, "--host-cache-gb", envvar="RAGCACHE_HOST_CACHE_GB", help="Host memory for warm "
+                            "chunk caches, pinned on a GPU machine (LRU; default: none for ask, an eighth of RAM "
+                            "up to 16 for serve and eval)")
 
 
 def _version(show: bool) -> None:
@@ -67,6 +72,20 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _check_tier_sizes(gpu_gb: Optional[float], host_gb: Optional[float]) -> None:
+    for name, value in (("--gpu-cache-gb", gpu_gb), ("--host-cache-gb", host_gb)):
+        if value is not None and value < 0:
+            raise RagcacheError(f"{name} must be 0 or more (got {value})")
+
+
+def _tiers(rc, gpu_gb: Optional[float], host_gb: Optional[float], long_lived: bool) -> None:
+    """Memory tiers in front of the store: the sizes given, else the defaults for this kind of process."""
+    from .kvtiers import default_sizes
+    model = rc.model
+    gpu_default, host_default = default_sizes(model.device, long_lived, model.kv_bytes_per_token, model.max_context)
+    rc.use_tiers(gpu_default if gpu_gb is None else gpu_gb, host_default if host_gb is None else host_gb)
 
 
 def _open(index: Optional[str], model: Optional[str], device: str, dtype: str, create: bool,
@@ -172,13 +191,17 @@ def ask(
     dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
     explain: bool = typer.Option(False, "--explain", help="Print the layout: every segment, cached or computed"),
+    gpu_cache_gb: Optional[float] = GpuCacheOpt,
+    host_cache_gb: Optional[float] = HostCacheOpt,
 ) -> None:
     """Answer QUESTION from the index, citing the sources."""
     from .prompts import Templates
     vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)  # before a model loads
+    _check_tier_sizes(gpu_cache_gb, host_cache_gb)
     tmpl = Templates.load(templates)
     rc = _open(index, model, device, dtype, create=False)
     with rc:
+        _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=False)
         stream = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         answer = rc.ask(question, mode=mode, top_k=top_k, order=order, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, templates=tmpl, on_token=stream)
@@ -216,14 +239,18 @@ def serve(
                                             "retrieve (default 32)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    gpu_cache_gb: Optional[float] = GpuCacheOpt,
+    host_cache_gb: Optional[float] = HostCacheOpt,
 ) -> None:
     """Serve the index over an OpenAI-compatible HTTP API, one request on the model at a time."""
     from .server import Limits, create_app
     given = {"max_tokens": max_tokens_limit, "max_input_count": max_input_count, "max_body_bytes": max_body_bytes,
              "max_top_k": max_top_k}
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # before the model loads
+    _check_tier_sizes(gpu_cache_gb, host_cache_gb)
     rc = _open(index, model, device, dtype, create=False)
     with rc:
+        _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=True)
         import uvicorn
         typer.echo(f"serving {rc.store.path} with {rc.model.name} on http://{host}:{port}/v1", err=True)
         uvicorn.run(create_app(rc, api_key=api_key or None, limits=limits), host=host, port=port)
@@ -342,6 +369,8 @@ def eval_qa(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
+    gpu_cache_gb: Optional[float] = GpuCacheOpt,
+    host_cache_gb: Optional[float] = HostCacheOpt,
 ) -> None:
     """EM, Match and F1 of the answers in each mode, with latency, one row per mode."""
     from . import evaluate
@@ -350,12 +379,14 @@ def eval_qa(
     from .store import check
     chosen = vocab.modes(modes)
     vocab.order(order)
+    _check_tier_sizes(gpu_cache_gb, host_cache_gb)
     if limit is not None and limit < 1:
         raise RagcacheError(f"--limit must be at least 1 (got {limit})")
     items = evaluate.load_questions(questions)[:limit]
     tmpl = Templates.load(templates)
     check(config.resolve_index(index), must_exist=True)  # before the output file is made
     with evaluate.open_out(out) as f, _open(index, model, device, dtype, create=False) as rc:
+        _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=True)
         with bar(not as_json and sys.stderr.isatty(), "answers", len(items) * len(chosen)) as advance:
             summary = evaluate.qa(rc, items, chosen, f, top_k=top_k, max_new_tokens=max_new_tokens, order=order,
                                   advance=advance, templates=tmpl)

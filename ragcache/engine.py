@@ -14,11 +14,12 @@ from typing import Callable
 
 import torch
 
-from . import chunking, corpus, generation, indexer, kvload, prompts, vocab
+from . import chunking, corpus, generation, indexer, kvload, kvtiers, prompts, vocab
 from .embedder import Embedder
 from .errors import RagcacheError
 from .generation import OnToken, Sampling
 from .index import Index
+from .kvsource import KVSource, StoreKV
 from .meta import IndexMeta
 from .model import Encoded, GritModel
 from .prompts import Doc, Segment, Templates
@@ -38,17 +39,28 @@ class Answer:
     mode: vocab.Mode
     first_logits: torch.Tensor | None = field(default=None, repr=False)  # (vocab,) at the first generated token
     kv_served_by: dict[int, str] = field(default_factory=dict)  # cached chunk id -> what served its KV
+    kv_tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> this question's hits, misses
 
     def to_dict(self) -> dict:
         return {"answer": self.answer, "token_ids": self.token_ids, "sources": [s.to_dict() for s in self.sources],
                 "mode": self.mode, "timings_ms": self.timings_ms, "layout": [s.to_dict() for s in self.layout],
-                "kv_served_by": {str(k): v for k, v in self.kv_served_by.items()}}
+                "kv_served_by": {str(k): v for k, v in self.kv_served_by.items()}, "kv_tiers": self.kv_tiers}
 
 
 class RagCache:
     def __init__(self, stored: Index, model: GritModel, retriever: Retriever):
         self.stored, self.model, self.retriever = stored, model, retriever  # stored: the index on disk
-        self.kv_source = stored.kv_source()
+        self.cost = kvtiers.CostModel()  # read or recompute: learnt from this process's reads and passes
+        self.kv_source: KVSource = StoreKV(stored.store, on_read=self.cost.measured_read)
+
+    def use_tiers(self, gpu_gb: float, host_gb: float) -> None:
+        """Keep chunk caches warm in GPU and host memory (LRUs of these sizes) in front of the store."""
+        self.kv_source = kvtiers.build(StoreKV(self.stored.store, on_read=self.cost.measured_read),
+                                       self.model.device, gpu_gb, host_gb)
+
+    def tier_stats(self) -> dict:
+        """Each memory tier's size, contents, hits, misses and evictions since the process began."""
+        return self.kv_source.describe() if isinstance(self.kv_source, kvtiers.TieredKV) else {}
 
     @classmethod
     def open(cls, path: str | Path, model: GritModel | None = None, create: bool = True, device: str = "auto",
@@ -156,18 +168,30 @@ class RagCache:
         t = time.perf_counter()
         room = sum(len(s.token_ids) for s in layout if not s.cached) + max_new_tokens
         loaded = kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
-                                    query.kv if query else None, room)
+                                    query.kv if query else None, room, self.cost)
         timings["kv_load"] = time.perf_counter() - t
         sampling = Sampling(max_new_tokens, temperature, top_p, seed, ignore_eos)
         out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token)
 
         timings["prefill"], timings["decode"] = out.prefill_s, out.decode_s
+        self.cost.measured_prefill(sum(len(s.token_ids) for s in layout if not s.cached), out.prefill_s)
         timings["total"] = time.perf_counter() - t_start
         timings["ttft"] = timings["total"] - timings["decode"]
         sources = [Source.of(rank, hit, self.stored.chunk(hit.chunk_id)) for rank, hit in enumerate(hits, 1)]
         return Answer(self.model.decode(out.token_ids), out.token_ids, sources,
                       {k: round(v * 1000, 3) for k, v in timings.items()}, layout, mode, out.first_logits,
-                      loaded.served_by)
+                      loaded.served_by, self._tier_counts(loaded.served_by))
+
+    def _tier_counts(self, served_by: dict[int, str]) -> dict[str, dict[str, int]]:
+        """This question's hits and misses at each tier, in the order they are asked, the store last."""
+        names = [t.name for t in getattr(self.kv_source, "tiers", [])] + ["store"]
+        counts, left = {}, list(served_by.values())
+        for name in names:
+            hits = sum(v == name for v in left)
+            counts[name] = {"hits": hits, "misses": len(left) - hits}
+            left = [v for v in left if v != name]
+        counts["recomputed"] = {"hits": len(left), "misses": 0}
+        return counts
 
     def recompute(self, layout: list[Segment], max_new_tokens: int = 16, ignore_eos: bool = False) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens and first-step logits from one full forward with the layout's equivalent mask.

@@ -15,7 +15,6 @@ from typing import Iterator
 import numpy as np
 
 from .errors import RagcacheError
-from .kvsource import KVSource, StoreKV
 from .meta import EmbedderIdentity, IndexMeta, ModelIdentity
 from .records import Chunk, FileRecord, Hit
 from .store import Store
@@ -76,9 +75,6 @@ class Index:
 
     def files(self) -> dict[str, FileRecord]:
         return self.store.files()
-
-    def kv_source(self) -> KVSource:
-        return StoreKV(self.store)
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """The k nearest chunks to `vector`, best first."""

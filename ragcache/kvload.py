@@ -2,13 +2,15 @@
 
 Each chunk's KV comes from the KV source. One that the source does not hold, or holds damaged, is
 recomputed from the chunk's text with the index's model and KV attention, with one warning, and never
-used damaged. The answer is the same either way.
+used damaged. One that no warm tier holds is also recomputed, silently, when the cost model says that
+is faster than reading it (kvtiers.CostModel). The answer is the same either way.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +19,7 @@ from . import adapter
 from .errors import RagcacheError
 from .index import Index
 from .kvsource import KVSource
+from .kvtiers import CostModel
 from .model import GritModel
 from .prompts import Segment, passage
 from .vocab import Attention
@@ -32,20 +35,29 @@ class Loaded:
 
 
 def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: GritModel, kv_attention: Attention,
-                query_kv: torch.Tensor | None, room: int) -> Loaded:
-    """The cache of the layout's cached segments, which come first; `room` more tokens fit after them."""
+                query_kv: torch.Tensor | None, room: int, cost: CostModel | None = None) -> Loaded:
+    """The cache of the layout's cached segments, which come first; `room` more tokens fit after them.
+
+    With a cost model, a chunk no warm tier holds is recomputed instead of read when that is faster.
+    """
     prefix = list(itertools.takewhile(lambda s: s.cached, layout))
     if any(s.cached for s in layout[len(prefix):]):
         raise AssertionError("cached segments must come before computed ones")
-    chunk_ids = [s.chunk_id for s in prefix if s.kind == "doc"]
-    with source.fetch(chunk_ids, model.device) as got:
+    docs = {s.chunk_id: len(s.token_ids) for s in prefix if s.kind == "doc"}
+    warm = source.resident(list(docs))
+    faster = {cid for cid, tokens in docs.items() if cid not in warm and cost is not None
+              and cost.recompute_is_faster(tokens * model.kv_bytes_per_token, tokens)}
+    with source.fetch([cid for cid in docs if cid not in faster], model.device) as got:
         served = dict(got.served_by)
-        for cid in chunk_ids:
-            if cid not in got.tensors:
+        for cid in docs:
+            if cid in faster:
+                got.tensors[cid] = _recompute(index, model, kv_attention, cid, cost)
+                served[cid] = "recomputed"  # faster than reading it: the same cache either way
+            elif cid not in got.tensors:
                 why = f"damaged ({got.damaged[cid]})" if cid in got.damaged else "missing"
                 log.warning(f"the stored cache of chunk {cid} is {why}; recomputed it from its text "
                             "(ragcache verify --repair mends the index)")
-                got.tensors[cid] = _recompute(index, model, kv_attention, cid)
+                got.tensors[cid] = _recompute(index, model, kv_attention, cid, cost)
                 served[cid] = "recomputed"
         parts = [query_kv if seg.kind == "query" else got.tensors[seg.chunk_id] for seg in prefix]
         cache = adapter.assemble(parts, model.inv_freq, model.hf.config.num_hidden_layers, room, model.device,
@@ -53,9 +65,13 @@ def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: Gr
     return Loaded(cache, sum(len(s.token_ids) for s in prefix), served)
 
 
-def _recompute(index: Index, model: GritModel, kv_attention: Attention, cid: int) -> torch.Tensor:
+def _recompute(index: Index, model: GritModel, kv_attention: Attention, cid: int,
+               cost: CostModel | None) -> torch.Tensor:
     chunk = index.chunk(cid)
+    t0 = time.perf_counter()
     enc = model.encode([passage(chunk.title, chunk.text)], kv=kv_attention, embed=False)[0]
+    if cost is not None:
+        cost.measured_prefill(len(enc.token_ids), time.perf_counter() - t0)
     if enc.token_ids != chunk.token_ids:
         raise RagcacheError(f"chunk {cid} no longer tokenises as it was indexed; rebuild the index")
     return enc.kv

@@ -12,8 +12,9 @@ the same interface.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -36,14 +37,24 @@ class KVSource(Protocol):
         """The KV of `ids` on `device` (or readable from there), valid until the block ends."""
         ...
 
+    def resident(self, ids: list[int]) -> set[int]:
+        """Those of `ids` held in memory now: the rest would be read from storage."""
+        ...
+
 
 class StoreKV:
-    """The index's LMDB store: blobs checked and read in place from the memory map."""
+    """The index's LMDB store: blobs checked and read in place from the memory map.
+
+    Each read is timed, so `on_read(bytes, seconds)` learns the storage's bandwidth.
+    """
 
     name = "store"
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, on_read: Callable[[int, float], None] | None = None):
+        self.store, self.on_read = store, on_read
+
+    def resident(self, ids: list[int]) -> set[int]:
+        return set()
 
     @contextlib.contextmanager
     def fetch(self, ids: list[int], device: torch.device) -> Iterator[KVBatch]:
@@ -53,11 +64,14 @@ class StoreKV:
                 if view is None:
                     batch.missing.append(cid)
                     continue
+                t0 = time.perf_counter()
                 try:
-                    tensor = kvlib.deserialize(view)  # header, decompression, checksum
+                    tensor = kvlib.deserialize(view)  # header, decompression, checksum: every byte is read
                 except kvlib.CorruptKV as e:
                     batch.damaged[cid] = str(e)
                     continue
+                if self.on_read is not None:
+                    self.on_read(len(view), time.perf_counter() - t0)
                 # on the CPU the view itself: the one copy is into the model's cache
                 batch.tensors[cid] = tensor if torch.device(device).type == "cpu" else tensor.to(device)
                 batch.served_by[cid] = self.name

@@ -160,6 +160,14 @@ class GritModel:
                 or "gritlm" in self.name.lower())
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take, every layer: (layers, 2, kv_heads, 1, head_dim) in the dtype."""
+        cfg = self.hf.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cfg.num_hidden_layers * 2 * heads * head_dim * self.dtype.itemsize
+
+    @property
     def dim(self) -> int:
         """The embedding dimension: the decoder's hidden size."""
         return self.hf.config.hidden_size

@@ -195,7 +195,8 @@ def create_app(engine: RagCache, api_key: str | None = None, limits: Limits = Li
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": service.model_id, "busy": service.lock.locked()}
+        return {"status": "ok", "model": service.model_id, "busy": service.lock.locked(),
+                "kv_tiers": service.engine.tier_stats()}
 
     def model_card() -> dict:
         return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "ragcache",
