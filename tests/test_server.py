@@ -102,7 +102,8 @@ def test_models_and_health(served):
     assert (card.id, card.object, card.owned_by) == (served.model, "model", "ragcache")
     assert card.created > 0 and card.max_model_len == 4096
     assert served.client.models.retrieve(served.model).id == served.model
-    assert raw(served, "/health", key=None) == (200, {"status": "ok", "model": served.model, "busy": False})
+    assert raw(served, "/health", key=None) == (200, {"status": "ok", "model": served.model, "busy": False,
+                                                   "kv_tiers": {}})  # no memory tiers: the store alone
 
 
 # ---- embeddings ---------------------------------------------------------------------------------------
