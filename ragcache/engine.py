@@ -109,8 +109,11 @@ class RagCache:
     def index_corpus(self, found: corpus.Discovery, roots: list[Path], chunk_tokens: int | None = None,
                      kv_attention: vocab.Attention | None = None, prune: bool = True, show_progress: bool = False,
                      batch_size: int = 8, warn: Callable[[str], None] = log.warning,
-                     max_file_mb: float = corpus.MAX_FILE_MB) -> indexer.IndexStats:
-        """Index the files `corpus.discover` found under `roots` (scanned once, by the caller)."""
+                     max_file_mb: float = corpus.MAX_FILE_MB, pipelined: bool | None = None) -> indexer.IndexStats:
+        """Index the files `corpus.discover` found under `roots` (scanned once, by the caller).
+
+        `pipelined` commits on a writer thread while the next batch computes (default: on a GPU).
+        """
         if kv_attention is not None:
             vocab.attention(kv_attention)
         meta = self.meta or IndexMeta(self.model.identity(), self.retriever.dim,
@@ -131,7 +134,7 @@ class RagCache:
             vectors = self.stored.vectors()
             stats = indexer.run(self.stored, self.model, self.retriever, vectors, found, roots, meta,
                                 prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
-                                max_file_mb=max_file_mb)
+                                max_file_mb=max_file_mb, pipelined=pipelined)
             self.stored.save_vectors(vectors)
         return stats
 
@@ -139,7 +142,7 @@ class RagCache:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned.
 
         Options as for index_corpus: chunk_tokens, kv_attention, prune, show_progress, batch_size, warn,
-        max_file_mb.
+        max_file_mb, pipelined.
         """
         return self.index_corpus(corpus.discover(paths), corpus.roots(paths), **options)
 

@@ -57,6 +57,11 @@ class Index:
         self.store.set_meta(meta.to_json())
         self._meta = meta
 
+    def set_kv_codec(self, codec: str) -> None:
+        """Record the KV codec chosen for this index (by the first batch's probe)."""
+        self.meta.kv_codec = codec
+        self.store.set_meta(self.meta.to_json())
+
     def check(self, model: ModelIdentity, embedder: EmbedderIdentity | None) -> None:
         """Refuse a model or embedder other than the ones that made the stored caches and vectors."""
         if self.meta is not None:

@@ -7,6 +7,8 @@ from under the given roots are pruned (unless prune=False).
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +67,15 @@ class _Pending:
 
 def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, found: corpus.Discovery,
         roots: list[Path], meta: IndexMeta, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
-        warn: Callable[[str], None] = lambda m: None, max_file_mb: float = corpus.MAX_FILE_MB) -> IndexStats:
+        warn: Callable[[str], None] = lambda m: None, max_file_mb: float = corpus.MAX_FILE_MB,
+        pipelined: bool | None = None) -> IndexStats:
     """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches.
 
     Chunks are encoded and committed BATCH_CHUNKS at a time, across files and within one, so memory
-    stays bounded whatever a file's size, and a run cut short loses at most one batch.
+    stays bounded whatever a file's size, and a run cut short loses at most one batch. `pipelined`
+    (default: when the model runs on a GPU) packs and commits on a writer thread meanwhile.
     """
+    pipelined = model.device.type == "cuda" if pipelined is None else pipelined
     t0 = time.perf_counter()
     store = index.store
     stats = IndexStats()
@@ -114,30 +119,102 @@ def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, 
                 stats.files_removed += 1
 
     total = sum(len(p.chunks) - p.done for p in pending)
-    with _progress(show_progress, total) as advance:
+    codec = CODECS.get(meta.kv_codec)  # None until the first batch's probe chooses it
+    with _progress(show_progress, total) as advance, _Writer(index, vectors, stats, advance, pipelined) as writer:
         for batch in _batches(pending):
             passages = [p.passages[i] for p, start, end in batch for i in range(start, end)]
             encoded = retriever.encode(passages, kv=meta.kv_attention, batch_size=batch_size)
-            parts, embeddings = [], []
-            for p, start, end in batch:
-                mine, encoded = encoded[: end - start], encoded[end - start :]
-                rows = []
-                for chunk, enc in zip(p.chunks[start:end], mine):
-                    chunk.token_ids = enc.token_ids
-                    rows.append((chunk, enc.embedding, kvlib.serialize(enc.kv)))
-                parts.append(FilePart(p.source, p.file_hash, rows, fresh=start == 0, complete=end == len(p.chunks)))
-                embeddings.append(np.stack([e.embedding for e in mine]))
-            for (removed, added), vecs in zip(store.put_batch(parts), embeddings):
-                vectors.remove(removed)
-                vectors.add(added, vecs)
-            tokens = sum(len(row[0].token_ids) for part in parts for row in part.rows)
-            stats.files_indexed += sum(part.complete for part in parts)
-            stats.chunks += len(passages)
-            stats.tokens += tokens
-            advance(len(passages), tokens)
+            if codec is None:
+                codec = _probe_codec(index, [e.kv for e in encoded])
+            writer.submit(batch, encoded, codec)
     stats.files_skipped = len(stats.skipped)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+CODECS = {"raw": kvlib.RAW, "zstd": kvlib.ZSTD_PLANES}
+
+
+def _probe_codec(index: Index, kvs: list) -> int:
+    """Choose the index's KV codec once, from its first batch: zstd only if it saves a third overall."""
+    blobs = [kvlib.serialize(kv) for kv in kvs]  # the trial, on one batch only
+    raw = sum(kv.numel() * kv.element_size() for kv in kvs)
+    stored = sum(len(b) for b in blobs)
+    name = "zstd" if raw >= kvlib.MIN_RATIO * stored else "raw"
+    index.set_kv_codec(name)
+    return CODECS[name]
+
+
+class _Writer:
+    """Packs, checks and commits each batch; with `pipelined`, on a thread while the next batch computes.
+
+    At most QUEUE_BATCHES batches wait, so memory stays bounded. A failure in the thread (a full disk)
+    is raised in the caller at its next submit or when the block ends. On the CPU the thread would
+    compete with torch's own threads for the cores, so it is used where the model runs on a GPU.
+    """
+
+    QUEUE_BATCHES = 2
+
+    def __init__(self, index: Index, vectors: Vectors, stats: IndexStats, advance, pipelined: bool):
+        self.index, self.vectors, self.stats, self.advance = index, vectors, stats, advance
+        self.pipelined = pipelined
+        self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_BATCHES)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ragcache-writer", daemon=True) if pipelined else None
+
+    def __enter__(self) -> "_Writer":
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def submit(self, batch: list, encoded: list, codec: int) -> None:
+        if not self.pipelined:
+            return self._write(batch, encoded, codec)
+        self._raise()
+        self.queue.put((batch, encoded, codec))  # blocks while QUEUE_BATCHES wait: bounded memory
+
+    def __exit__(self, kind, *rest) -> None:
+        if self.thread is None:
+            return
+        if kind is not None:
+            self.stop.set()  # interrupted or failed: what is committed stays, what waits is dropped
+        self.queue.put(None)
+        self.thread.join()
+        if kind is None:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None and not self.stop.is_set():
+                try:
+                    self._write(*item)
+                except BaseException as e:  # handed to the caller, which raises it
+                    self.error = e
+
+    def _write(self, batch: list, encoded: list, codec: int) -> None:
+        parts, embeddings = [], []
+        for p, start, end in batch:
+            mine, encoded = encoded[: end - start], encoded[end - start :]
+            rows = []
+            for chunk, enc in zip(p.chunks[start:end], mine):
+                chunk.token_ids = enc.token_ids
+                rows.append((chunk, enc.embedding, kvlib.serialize(enc.kv, codec)))
+            parts.append(FilePart(p.source, p.file_hash, rows, fresh=start == 0, complete=end == len(p.chunks)))
+            embeddings.append(np.stack([e.embedding for e in mine]))
+        for (removed, added), vecs in zip(self.index.store.put_batch(parts), embeddings):
+            self.vectors.remove(removed)
+            self.vectors.add(added, vecs)
+        tokens = sum(len(row[0].token_ids) for part in parts for row in part.rows)
+        chunks = sum(len(part.rows) for part in parts)
+        self.stats.files_indexed += sum(part.complete for part in parts)
+        self.stats.chunks += chunks
+        self.stats.tokens += tokens
+        self.advance(chunks, tokens)
 
 
 def _chunk_file(source: str, file_hash: str, docs: list[corpus.Document], model: GritModel, chunk_tokens: int) -> _Pending:

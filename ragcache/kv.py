@@ -13,7 +13,9 @@ codec 0 is the raw bytes. Codec 1 is zstd over byte planes: each value's bytes a
 sign-and-exponent bytes lie together, which compresses far better than interleaved floats. A blob is
 stored compressed only when that saves a third of its bytes (MIN_RATIO): raw bytes are read straight
 from the memory map at copy speed, while decompressing runs several times slower, so a smaller
-saving costs more load time than the disk it frees is worth. benchmarks/storage.py measures both.
+saving costs more load time than the disk it frees is worth. An index chooses its codec once, from a
+probe of its first batch (IndexMeta.kv_codec), so indexing never compresses a blob only to throw the
+result away. benchmarks/storage.py measures both.
 """
 
 from __future__ import annotations
@@ -62,16 +64,28 @@ def rotate_keys(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torc
     return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1).to(keys.dtype)
 
 
-def serialize(kv: torch.Tensor) -> bytes:
-    """Header + payload of a (layers, 2, kv_heads, tokens, head_dim) tensor; see the module docstring."""
+def serialize(kv: torch.Tensor, codec: int | None = None) -> bytes | bytearray:
+    """Header + payload of a (layers, 2, kv_heads, tokens, head_dim) tensor; see the module docstring.
+
+    `codec` RAW or ZSTD_PLANES fixes the codec (an index chooses it once); None tries zstd and keeps it
+    only when it saves a third (MIN_RATIO).
+    """
     layers, two, heads, tokens, head_dim = kv.shape
     assert two == 2, kv.shape
-    raw = kv.detach().contiguous().cpu().view(torch.uint8).numpy()
-    packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_planes(raw, kv.element_size()))
-    codec, payload = (ZSTD_PLANES, packed) if raw.nbytes >= MIN_RATIO * len(packed) else (RAW, raw.tobytes())
+    raw = kv.detach().contiguous().cpu().view(torch.uint8).numpy().reshape(-1)
+    packed = None
+    if codec != RAW:
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_planes(raw, kv.element_size()))
+        if codec is None:
+            codec = ZSTD_PLANES if raw.nbytes >= MIN_RATIO * len(packed) else RAW
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, _DTYPE_CODES[kv.dtype], codec, layers, heads, head_dim, tokens,
                         xxhash.xxh3_64_intdigest(raw))
-    return head + payload
+    if codec == ZSTD_PLANES:
+        return head + packed
+    out = bytearray(len(head) + raw.nbytes)  # one copy of the raw bytes, straight after the header
+    out[: len(head)] = head
+    np.frombuffer(out, dtype=np.uint8)[len(head) :] = raw
+    return out
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ class IndexMeta:
     chunk_tokens: int
     kv_attention: Attention
     embedder: EmbedderIdentity | None = None  # None: the model embeds for retrieval itself
+    kv_codec: str = "auto"  # how KV blobs are stored: "raw" or "zstd", chosen by probing the first batch
     format_version: int = STORE_FORMAT
     kv_format_version: int = KV_FORMAT
     vectors_format_version: int = VECTORS_FORMAT
@@ -68,6 +69,7 @@ class IndexMeta:
             return cls(model=ModelIdentity(**data["model"]), dim=data["dim"], chunk_tokens=data["chunk_tokens"],
                        kv_attention=data["kv_attention"],
                        embedder=EmbedderIdentity(**embedder) if embedder else None,
+                       kv_codec=data.get("kv_codec", "auto"),
                        format_version=data["format_version"], kv_format_version=data["kv_format_version"],
                        vectors_format_version=data.get("vectors_format_version", VECTORS_FORMAT),
                        prompt_format=data["prompt_format"], created=data.get("created", ""))

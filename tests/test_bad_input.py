@@ -193,7 +193,7 @@ def test_disk_full_during_indexing(tmp_path, model_dir, corpus_dir, monkeypatch)
     real_open = lmdb.open
     with monkeypatch.context() as m:
         m.setattr(indexer, "BATCH_CHUNKS", 1)  # a commit a chunk: facts.jsonl's two, then france.txt's one
-        m.setattr(lmdb, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room=4))  # the meta, then 2 files
+        m.setattr(lmdb, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room=5))  # meta, codec, 2 files
         fails("index", corpus_dir, "-i", idx, "-m", model_dir,
               message=f"cannot write to the index '{idx}': the disk is full; everything committed before is kept")
     result = run("verify", "-i", idx)  # the two files written before are whole; FAISS was never saved

@@ -49,3 +49,53 @@ def test_settings_are_fixed_at_creation(tmp_path, model, corpus_dir):
             rc.index([corpus_dir], kv_attention="bidirectional")
         with pytest.raises(RagcacheError, match="chunk-tokens"):
             rc.index([corpus_dir], chunk_tokens=99)
+
+
+def test_pipelined_indexing_stores_what_the_plain_path_does(tmp_path, model, many):
+    """The writer thread (on by default on a GPU) commits the same chunks, vectors and caches."""
+    from conftest import spans
+    corpus, reference, _ = many
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        stats = rc.index([corpus], chunk_tokens=24, pipelined=True)
+        assert stats.chunks == sum(map(len, reference.values())) and spans(rc) == reference
+        assert len(rc.vectors()) == rc.store.count()
+        answer = rc.ask("Where is Paris?", mode="doc", top_k=2, max_new_tokens=4, ignore_eos=True)
+        assert answer.token_ids == rc.recompute(answer.layout, max_new_tokens=4, ignore_eos=True)[0]
+
+
+def test_a_failure_in_the_writer_thread_reaches_the_caller(tmp_path, model, many, monkeypatch):
+    from ragcache import store as storelib
+    corpus, _, _ = many
+    calls = []
+    real = storelib.Store.put_batch
+
+    def fails_second(self, parts):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RagcacheError("cannot write to the index: the disk is full")
+        return real(self, parts)
+
+    monkeypatch.setattr(storelib.Store, "put_batch", fails_second)
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        with pytest.raises(RagcacheError, match="disk is full"):
+            rc.index([corpus], chunk_tokens=24, pipelined=True)
+        monkeypatch.undo()
+        assert rc.store.count() == 32  # the first batch, whole; nothing after the failure
+        rc.index([corpus], chunk_tokens=24)
+        assert all(r.complete for r in rc.store.files().values())
+
+
+def test_the_codec_is_chosen_once_from_the_first_batch(tmp_path, model, corpus_dir, monkeypatch):
+    from ragcache import kv as kvlib
+    with RagCache.open(tmp_path / "raw", model=model) as rc:
+        rc.index([corpus_dir])
+        assert rc.meta.kv_codec == "raw"  # random float32 KV: zstd saves far less than a third
+        with rc.store.kv_views(list(rc.store.embeddings()[0])) as views:
+            assert {kvlib.header(v).codec for v in views} == {kvlib.RAW}
+    monkeypatch.setattr(kvlib, "MIN_RATIO", 1.0)  # any saving counts: the probe picks zstd for the index
+    with RagCache.open(tmp_path / "zstd", model=model) as rc:
+        rc.index([corpus_dir])
+        assert rc.meta.kv_codec == "zstd"
+        with rc.store.kv_views(list(rc.store.embeddings()[0])) as views:
+            assert {kvlib.header(v).codec for v in views} == {kvlib.ZSTD_PLANES}
+        assert rc.ask("Where is Paris?", mode="doc", top_k=1, max_new_tokens=2).sources
