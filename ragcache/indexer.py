@@ -34,7 +34,7 @@ from .retriever import Retriever
 from .store import FilePart
 from .vectors import Vectors
 
-BATCH_CHUNKS = 32  # chunks gathered across files before one round of forward passes
+BATCH_CHUNKS = 64  # chunks encoded and committed together: bounds memory and what a crash loses
 
 
 @dataclass
@@ -124,9 +124,10 @@ def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, 
         for batch in _batches(pending):
             passages = [p.passages[i] for p, start, end in batch for i in range(start, end)]
             encoded = retriever.encode(passages, kv=meta.kv_attention, batch_size=batch_size)
+            blobs = None
             if codec is None:
-                codec = _probe_codec(index, [e.kv for e in encoded])
-            writer.submit(batch, encoded, codec)
+                codec, blobs = _probe_codec(index, [e.kv for e in encoded])
+            writer.submit(batch, encoded, codec, blobs)
     stats.files_skipped = len(stats.skipped)
     stats.seconds = time.perf_counter() - t0
     return stats
@@ -135,14 +136,18 @@ def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, 
 CODECS = {"raw": kvlib.RAW, "zstd": kvlib.ZSTD_PLANES}
 
 
-def _probe_codec(index: Index, kvs: list) -> int:
-    """Choose the index's KV codec once, from its first batch: zstd only if it saves a third overall."""
+def _probe_codec(index: Index, kvs: list) -> tuple[int, list]:
+    """Choose the index's KV codec once, from its first batch: zstd only if it saves a third overall.
+
+    Returns the codec and the batch's blobs in it (those the trial already made in it are kept).
+    """
     blobs = [kvlib.serialize(kv) for kv in kvs]  # the trial, on one batch only
     raw = sum(kv.numel() * kv.element_size() for kv in kvs)
     stored = sum(len(b) for b in blobs)
     name = "zstd" if raw >= kvlib.MIN_RATIO * stored else "raw"
     index.set_kv_codec(name)
-    return CODECS[name]
+    codec = CODECS[name]
+    return codec, [b if kvlib.header(b).codec == codec else kvlib.serialize(kv, codec) for b, kv in zip(blobs, kvs)]
 
 
 class _Writer:
@@ -168,11 +173,12 @@ class _Writer:
             self.thread.start()
         return self
 
-    def submit(self, batch: list, encoded: list, codec: int) -> None:
+    def submit(self, batch: list, encoded: list, codec: int, blobs: list | None = None) -> None:
+        """Commit `batch`; `blobs`, when given, are its KV already packed (by the codec probe)."""
         if not self.pipelined:
-            return self._write(batch, encoded, codec)
+            return self._write(batch, encoded, codec, blobs)
         self._raise()
-        self.queue.put((batch, encoded, codec))  # blocks while QUEUE_BATCHES wait: bounded memory
+        self.queue.put((batch, encoded, codec, blobs))  # blocks while QUEUE_BATCHES wait: bounded memory
 
     def __exit__(self, kind, *rest) -> None:
         if self.thread is None:
@@ -196,14 +202,16 @@ class _Writer:
                 except BaseException as e:  # handed to the caller, which raises it
                     self.error = e
 
-    def _write(self, batch: list, encoded: list, codec: int) -> None:
+    def _write(self, batch: list, encoded: list, codec: int, blobs: list | None) -> None:
         parts, embeddings = [], []
+        blobs = blobs or [None] * len(encoded)
         for p, start, end in batch:
             mine, encoded = encoded[: end - start], encoded[end - start :]
+            packed, blobs = blobs[: end - start], blobs[end - start :]
             rows = []
-            for chunk, enc in zip(p.chunks[start:end], mine):
+            for chunk, enc, blob in zip(p.chunks[start:end], mine, packed):
                 chunk.token_ids = enc.token_ids
-                rows.append((chunk, enc.embedding, kvlib.serialize(enc.kv, codec)))
+                rows.append((chunk, enc.embedding, blob if blob is not None else kvlib.serialize(enc.kv, codec)))
             parts.append(FilePart(p.source, p.file_hash, rows, fresh=start == 0, complete=end == len(p.chunks)))
             embeddings.append(np.stack([e.embedding for e in mine]))
         for (removed, added), vecs in zip(self.index.store.put_batch(parts), embeddings):

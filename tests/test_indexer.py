@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from ragcache import RagCache, RagcacheError
+from ragcache import RagCache, RagcacheError, indexer
 
 
 def test_reindex_is_idempotent_and_tracks_changes(tmp_path, model, corpus_dir):
@@ -80,7 +80,7 @@ def test_a_failure_in_the_writer_thread_reaches_the_caller(tmp_path, model, many
         with pytest.raises(RagcacheError, match="disk is full"):
             rc.index([corpus], chunk_tokens=24, pipelined=True)
         monkeypatch.undo()
-        assert rc.store.count() == 32  # the first batch, whole; nothing after the failure
+        assert rc.store.count() == indexer.BATCH_CHUNKS  # the first batch, whole; nothing after the failure
         rc.index([corpus], chunk_tokens=24)
         assert all(r.complete for r in rc.store.files().values())
 
