@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import accel
 from .kv import rotate_keys
 
 
@@ -145,6 +146,50 @@ class ReservedLayer(DynamicLayer):
             values[:, :, : self.length] = self._values[:, :, : self.length]
         self._keys, self._values = keys, values
         self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+
+
+class StreamedLayer(ReservedLayer):
+    """A reserved layer whose cached prefix arrives while the forward pass runs.
+
+    The loader fills the prefix layer by layer and sets `ready`; the first `update` (this layer's
+    attention in the prefill) waits for it, so layer 0 computes while later layers are still copied.
+    """
+
+    def __init__(self, capacity: int, prefix: int, like: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        super().__init__(capacity)
+        heads, dim = like.shape[1], like.shape[3]  # like: (2, kv_heads, tokens, head_dim)
+        self._keys = torch.empty(1, heads, capacity, dim, dtype=dtype, device=device)
+        self._values = torch.empty(1, heads, capacity, dim, dtype=dtype, device=device)
+        self.dtype, self.device, self.is_initialized = dtype, device, True
+        self.length = prefix  # the sequence length is known before the bytes are
+        self.keys, self.values = self._keys[:, :, :prefix], self._values[:, :, :prefix]
+        self.ready = accel.LayerReady(device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.ready.wait()
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+def assemble_streamed(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, room: int,
+                      device: torch.device, dtype: torch.dtype) -> tuple[Cache, "accel.Loader"]:
+    """Like `assemble`, but returns at once: a loader fills the layers in order (a copy stream on a
+    GPU, a thread on the CPU) while the model's forward pass waits for each layer only as it reaches it.
+
+    The parts must stay valid until the loader is joined.
+    """
+    total = sum(p.shape[3] for p in parts)
+    cache = Cache(layers=[StreamedLayer(total + room, total, parts[0][0], device, dtype) for _ in range(layers)])
+
+    def fill(layer_idx: int) -> None:
+        layer, offset = cache.layers[layer_idx], 0
+        for kv in parts:  # (layers, 2, kv_heads, tokens, head_dim)
+            n = kv.shape[3]
+            keys, values = kv[layer_idx, 0].to(device, dtype, non_blocking=True), kv[layer_idx, 1].to(device, dtype, non_blocking=True)
+            layer._keys[0, :, offset : offset + n] = rotate_keys(keys, offset, inv_freq)
+            layer._values[0, :, offset : offset + n] = values
+            offset += n
+
+    return cache, accel.Loader(fill, [layer.ready for layer in cache.layers], device)
 
 
 def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, room: int,

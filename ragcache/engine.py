@@ -52,6 +52,8 @@ class RagCache:
         self.stored, self.model, self.retriever = stored, model, retriever  # stored: the index on disk
         self.cost = kvtiers.CostModel()  # read or recompute: learnt from this process's reads and passes
         self.kv_source: KVSource = StoreKV(stored.store, on_read=self.cost.measured_read)
+        # fill the cache layer by layer while the prefill runs: on a GPU, where a side stream copies
+        self.streamed = model.device.type == "cuda"
 
     def use_tiers(self, gpu_gb: float, host_gb: float) -> None:
         """Keep chunk caches warm in GPU and host memory (LRUs of these sizes) in front of the store."""
@@ -170,11 +172,11 @@ class RagCache:
                                     max_new_tokens)
         t = time.perf_counter()
         room = sum(len(s.token_ids) for s in layout if not s.cached) + max_new_tokens
-        loaded = kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
-                                    query.kv if query else None, room, self.cost)
-        timings["kv_load"] = time.perf_counter() - t
         sampling = Sampling(max_new_tokens, temperature, top_p, seed, ignore_eos)
-        out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token)
+        with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
+                                query.kv if query else None, room, self.cost, self.streamed) as loaded:
+            timings["kv_load"] = time.perf_counter() - t  # streamed: until the first layer may start
+            out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token)
 
         timings["prefill"], timings["decode"] = out.prefill_s, out.decode_s
         self.cost.measured_prefill(sum(len(s.token_ids) for s in layout if not s.cached), out.prefill_s)

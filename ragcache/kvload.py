@@ -8,9 +8,11 @@ is faster than reading it (kvtiers.CostModel). The answer is the same either way
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +36,15 @@ class Loaded:
     served_by: dict[int, str] = field(default_factory=dict)  # chunk id -> the source's name, or "recomputed"
 
 
+@contextlib.contextmanager
 def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: GritModel, kv_attention: Attention,
-                query_kv: torch.Tensor | None, room: int, cost: CostModel | None = None) -> Loaded:
+                query_kv: torch.Tensor | None, room: int, cost: CostModel | None = None,
+                streamed: bool = False) -> Iterator[Loaded]:
     """The cache of the layout's cached segments, which come first; `room` more tokens fit after them.
 
-    With a cost model, a chunk no warm tier holds is recomputed instead of read when that is faster.
+    Generate inside the block: the source's tensors stay valid until it ends. With a cost model, a
+    chunk no warm tier holds is recomputed instead of read when that is faster. `streamed` yields the
+    cache at once and fills it layer by layer while the prefill runs (adapter.assemble_streamed).
     """
     prefix = list(itertools.takewhile(lambda s: s.cached, layout))
     if any(s.cached for s in layout[len(prefix):]):
@@ -60,9 +66,16 @@ def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: Gr
                 got.tensors[cid] = _recompute(index, model, kv_attention, cid, cost)
                 served[cid] = "recomputed"
         parts = [query_kv if seg.kind == "query" else got.tensors[seg.chunk_id] for seg in prefix]
-        cache = adapter.assemble(parts, model.inv_freq, model.hf.config.num_hidden_layers, room, model.device,
-                                 model.dtype)  # (layers, 2, kv_heads, tokens, head_dim) each, copied in once
-    return Loaded(cache, sum(len(s.token_ids) for s in prefix), served)
+        layers, n_cached = model.hf.config.num_hidden_layers, sum(len(s.token_ids) for s in prefix)
+        if not (streamed and parts):  # (layers, 2, kv_heads, tokens, head_dim) each, copied in once
+            yield Loaded(adapter.assemble(parts, model.inv_freq, layers, room, model.device, model.dtype),
+                         n_cached, served)
+            return
+        cache, loader = adapter.assemble_streamed(parts, model.inv_freq, layers, room, model.device, model.dtype)
+        try:
+            yield Loaded(cache, n_cached, served)
+        finally:
+            loader.join()  # before the source's views may go
 
 
 def _recompute(index: Index, model: GritModel, kv_attention: Attention, cid: int,

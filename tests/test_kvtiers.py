@@ -123,3 +123,48 @@ def test_ask_json_names_the_tier_of_each_chunk(rc, tmp_path):
     assert set(out["kv_served_by"].values()) == {"store"} and out["kv_tiers"]["host"] == {"hits": 0, "misses": 2}
     bad = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(copy), "--host-cache-gb", "-1"])
     assert bad.exit_code == 1 and "--host-cache-gb must be 0 or more" in bad.output
+
+
+@pytest.mark.parametrize("mode", ["doc", "query-doc", "doc-query", "query", "rag"])
+def test_a_cache_filled_layer_by_layer_during_the_prefill_answers_the_same(rc, mode):
+    """The loader thread stands in for a GPU's copy stream: each layer waits only for its own copy."""
+    plain = rc.ask(QUESTION, mode=mode, top_k=3, max_new_tokens=6, ignore_eos=True)
+    rc.streamed = True
+    try:
+        streamed = rc.ask(QUESTION, mode=mode, top_k=3, max_new_tokens=6, ignore_eos=True)
+    finally:
+        rc.streamed = False
+    assert streamed.token_ids == plain.token_ids
+    assert (streamed.first_logits - plain.first_logits).abs().max().item() < 1e-5
+
+
+def test_each_layer_waits_for_its_own_copy(model):
+    import threading
+
+    from ragcache import adapter
+    cfg = model.hf.config
+    part = torch.randn(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 5, cfg.hidden_size // cfg.num_attention_heads)
+    gate = threading.Event()
+    filled = []
+    real_rotate = adapter.rotate_keys
+
+    def slow_rotate(keys, offset, inv_freq):
+        if len(filled) == 1:
+            gate.wait(5)  # layer 1 is held back until the test lets it go
+        filled.append(1)
+        return real_rotate(keys, offset, inv_freq)
+
+    adapter.rotate_keys = slow_rotate
+    try:
+        cache, loader = adapter.assemble_streamed([part], model.inv_freq, cfg.num_hidden_layers, 4, model.device,
+                                                  model.dtype)
+        first = cache.layers[0]
+        first.ready.wait()  # layer 0 is there while layer 1 still waits
+        assert not cache.layers[1].ready.done.is_set()
+        assert torch.equal(first.keys[0], part[0, 0]) and torch.equal(first.values[0], part[0, 1])
+        gate.set()
+        loader.join()
+        assert all(layer.ready.done.is_set() for layer in cache.layers)
+        assert torch.equal(cache.layers[1].values[0], part[1, 1])
+    finally:
+        adapter.rotate_keys = real_rotate
