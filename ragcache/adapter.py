@@ -13,6 +13,8 @@ the KV code and generation go through the functions here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     AttentionInterface,
@@ -56,6 +58,19 @@ def load_causal_lm(source: str, dtype: torch.dtype, local_only: bool):
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=ATTENTION,
                                               local_files_only=local_only)
     return tokenizer, hf
+
+
+def convert_gguf(path: Path, out: Path) -> None:
+    """A GGUF file (llama.cpp's, Ollama's) dequantised by transformers and saved as a model folder."""
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers dequantises GGUF into plain float tensors but still marks the model quantized, which
+    # save_pretrained refuses: what is saved is an ordinary float32 checkpoint
+    hf.hf_quantizer, hf.is_quantized = None, False
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def rotary_inv_freq(hf) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from .errors import RagcacheError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Retrieval-augmented generation on one GRIT model, reusing the KV caches of its embedding pass.")
 
-ModelOpt = typer.Option(None, "-m", "--model", help="Hub id or local model directory (env RAGCACHE_MODEL; "
+ModelOpt = typer.Option(None, "-m", "--model", help="Hub id, local model directory or GGUF file (env RAGCACHE_MODEL; "
                         "default: the index's own model, else GritLM/GritLM-7B)")
 IndexOpt = typer.Option(None, "-i", "--index", help="Index folder, or a name under the home (env RAGCACHE_INDEX)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")

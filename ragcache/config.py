@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .model import DEFAULT_MODEL
+DEFAULT_MODEL = "GritLM/GritLM-7B"
 
 
 def home() -> Path:
-    """The folder that holds built indexes: $RAGCACHE_HOME, else ./indexes."""
+    """The folder that holds built indexes (and models converted from GGUF): $RAGCACHE_HOME, else ./indexes."""
     return Path(os.environ.get("RAGCACHE_HOME", "indexes")).expanduser()
 
 

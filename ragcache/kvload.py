@@ -12,8 +12,8 @@ import contextlib
 import itertools
 import logging
 import time
-from typing import Iterator
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 

@@ -8,17 +8,20 @@ engine places cached segments at arbitrary offsets and needs the model to do exa
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import adapter, prompts
+from . import adapter, config, prompts
 from .adapter import padded_allowed
 from .errors import RagcacheError
 from .meta import ModelIdentity
@@ -27,7 +30,6 @@ from .vocab import Attention
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "GritLM/GritLM-7B"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,6 +77,35 @@ class Encoded:
     kv: torch.Tensor | None  # (layers, 2, kv_heads, tokens, head_dim), on the CPU
 
 
+def gguf_folder(path: Path) -> Path:
+    """The model folder a GGUF file converts to, under the ragcache home; converted on first use only.
+
+    Dequantising takes tens of seconds; the folder then loads in seconds. The folder is named by the
+    file's path, size and modification time, so a replaced file is converted again.
+    """
+    if not path.is_file():
+        raise RagcacheError(f"no GGUF file at '{path}'", param="model")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = config.home() / "models" / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    if importlib.util.find_spec("gguf") is None:
+        raise RagcacheError("reading a GGUF model needs the gguf package: pip install 'ragcache[gguf]'",
+                            param="model")
+    log.info(f"converting {path} once into {folder} …")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    try:
+        adapter.convert_gguf(path, work)
+        work.replace(folder)  # whole or not at all: a killed conversion leaves no half folder behind
+    except (OSError, ValueError) as e:
+        raise RagcacheError(f"cannot read the GGUF model '{path}': {str(e).splitlines()[0]}", param="model") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
 def weights_fingerprint(hf, tokenizer, extra: object = None) -> str:
     """Hash of a model's config, tokenizer, `extra` (JSON) and a strided sample of every weight.
 
@@ -114,8 +145,13 @@ class GritModel:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> "GritModel":
-        """Load from a local directory or a hub id; the hub being out of reach is a one-line error."""
+    def load(cls, name_or_path: str = config.DEFAULT_MODEL, device: str = "auto", dtype: str = "auto") -> "GritModel":
+        """Load from a local directory, a GGUF file or a hub id; the hub being out of reach is a one-line error."""
+        if name_or_path.lower().endswith(".gguf"):
+            gguf = Path(name_or_path).expanduser().resolve()
+            model = cls.load(str(gguf_folder(gguf)), device=device, dtype=dtype)
+            model.name = str(gguf)  # what an index records, and loads again
+            return model
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         path = Path(name_or_path).expanduser()

