@@ -223,3 +223,40 @@ def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, roo
             layer.update(rotate_keys(keys, offset, inv_freq)[None], values[None])  # (1, kv_heads, tokens, head_dim)
         offset += kv.shape[3]
     return cache
+
+
+class _ScatterLayer(DynamicLayer):
+    """A view of a filled layer whose `update` overwrites the given positions instead of appending.
+
+    Used to recompute some tokens of a cached prefix in place: the new keys and values land at their
+    own positions, and attention reads the whole prefix, recomputed and cached tokens together.
+    """
+
+    def __init__(self, layer: ReservedLayer, positions: torch.Tensor):
+        super().__init__()
+        self.layer, self.positions = layer, positions
+        self.keys, self.values = layer.keys, layer.values
+        self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.layer._keys[:, :, self.positions] = key_states  # (1, kv_heads, selected, head_dim)
+        self.layer._values[:, :, self.positions] = value_states
+        return self.layer.keys, self.layer.values
+
+
+def overwriting(cache: Cache, positions: torch.Tensor) -> Cache:
+    """A cache over the same buffers whose updates write at `positions` (see _ScatterLayer)."""
+    return Cache(layers=[_ScatterLayer(layer, positions) for layer in cache.layers])
+
+
+def first_layers_kv(hf, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype,
+                    layers: int) -> Cache:
+    """The cache of a pass through only the decoder's first `layers` layers (the rest are skipped)."""
+    decoder = hf.get_decoder()
+    kept = decoder.layers
+    decoder.layers = kept[:layers]
+    try:
+        _, cache = run_decoder(hf, ids, positions, allowed, None, dtype)
+    finally:
+        decoder.layers = kept
+    return cache

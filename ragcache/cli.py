@@ -29,6 +29,8 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or floa
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text")
 GpuCacheOpt = typer.Option(None, "--gpu-cache-gb", envvar="RAGCACHE_GPU_CACHE_GB", help="GPU memory for warm chunk "
                            "caches (LRU; default: none for ask, half the free memory for serve and eval)")
+RecomputeOpt = typer.Option(0.0, "--recompute", help="Fraction (0-1) of the cached tokens to recompute with "
+                            "full attention, those whose KV deviates most (CacheBlend); 1 equals rag")
 HostCacheOpt = typer.Option(None, "--host-cache-gb", envvar="RAGCACHE_HOST_CACHE_GB", help="Host memory for warm "
                             "chunk caches, pinned on a GPU machine (LRU; default: none for ask, an eighth of RAM "
                             "up to 16 for serve and eval)")
@@ -193,10 +195,12 @@ def ask(
     explain: bool = typer.Option(False, "--explain", help="Print the layout: every segment, cached or computed"),
     gpu_cache_gb: Optional[float] = GpuCacheOpt,
     host_cache_gb: Optional[float] = HostCacheOpt,
+    recompute: float = RecomputeOpt,
 ) -> None:
     """Answer QUESTION from the index, citing the sources."""
     from .prompts import Templates
     vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)  # before a model loads
+    vocab.fraction(recompute, "recompute")
     _check_tier_sizes(gpu_cache_gb, host_cache_gb)
     tmpl = Templates.load(templates)
     rc = _open(index, model, device, dtype, create=False)
@@ -204,7 +208,8 @@ def ask(
         _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=False)
         stream = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         answer = rc.ask(question, mode=mode, top_k=top_k, order=order, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, seed=seed, templates=tmpl, on_token=stream)
+                        temperature=temperature, top_p=top_p, seed=seed, templates=tmpl, on_token=stream,
+                        recompute=recompute)
         if as_json:
             typer.echo(json.dumps(answer.to_dict()))
             return
@@ -356,7 +361,8 @@ def eval_retrieval(
 @eval_app.command("qa")
 @_errors
 def eval_qa(
-    questions: Path = typer.Option(..., "--questions", help="JSONL of {\"question\", \"answer\": [...]} (NQ-open)"),
+    questions: Path = typer.Option(..., "--questions", help="JSONL of {\"question\", \"answer\": [...]} (NQ-open), "
+                                   "or SQuAD's JSON (its answerable questions)"),
     modes: str = typer.Option(",".join(vocab.MODES), "--modes", help="Comma-separated modes to compare"),
     index: Optional[str] = IndexOpt,
     model: Optional[str] = ModelOpt,
@@ -369,6 +375,9 @@ def eval_qa(
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     as_json: bool = JsonOpt,
+    with_fidelity: bool = typer.Option(False, "--fidelity", help="Also measure each mode's drift from the full "
+                                       "recompute of its layout: first-token and teacher-forced KL and top-1"),
+    recompute: float = RecomputeOpt,
     gpu_cache_gb: Optional[float] = GpuCacheOpt,
     host_cache_gb: Optional[float] = HostCacheOpt,
 ) -> None:
@@ -379,6 +388,7 @@ def eval_qa(
     from .store import check
     chosen = vocab.modes(modes)
     vocab.order(order)
+    vocab.fraction(recompute, "recompute")
     _check_tier_sizes(gpu_cache_gb, host_cache_gb)
     if limit is not None and limit < 1:
         raise RagcacheError(f"--limit must be at least 1 (got {limit})")
@@ -389,7 +399,8 @@ def eval_qa(
         _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=True)
         with bar(not as_json and sys.stderr.isatty(), "answers", len(items) * len(chosen)) as advance:
             summary = evaluate.qa(rc, items, chosen, f, top_k=top_k, max_new_tokens=max_new_tokens, order=order,
-                                  advance=advance, templates=tmpl)
+                                  advance=advance, templates=tmpl, recompute=recompute,
+                                  with_fidelity=with_fidelity)
     typer.echo(json.dumps({"modes": summary, "per_question": str(out)}) if as_json
                else evaluate.qa_table(summary) + f"\nper-question results: {out}")
 

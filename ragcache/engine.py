@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from . import chunking, corpus, generation, indexer, kvload, kvtiers, prompts, vocab
+from . import blend, chunking, corpus, fidelity, generation, indexer, kvload, kvtiers, prompts, vocab
+from .fidelity import Drift
 from .embedder import Embedder
 from .errors import RagcacheError
 from .generation import OnToken, Sampling
@@ -156,15 +157,18 @@ class RagCache:
     def ask(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             templates: Templates | None = None, on_token: OnToken | None = None,
-            ignore_eos: bool = False) -> Answer:
+            ignore_eos: bool = False, recompute: float = 0.0) -> Answer:
         """Answer `question` in `mode`; `order` applies to mode='rag'.
 
-        `on_token` gets each new piece of text; returning True stops generation there.
+        `on_token` gets each new piece of text; returning True stops generation there. `recompute`
+        (0 to 1) recomputes that fraction of the cached tokens with full attention (blend.py).
         """
+        vocab.fraction(recompute, "recompute")
         mode, order = vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)
         self._check_question(question, max_new_tokens, mode)
         kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
-        timings = dict.fromkeys(("embed", "search", "kv_load", "prefill", "decode", "ttft", "total"), 0.0)
+        timings = dict.fromkeys(("embed", "search", "kv_load", "recompute", "prefill", "decode", "ttft", "total"),
+                                0.0)
         t_start = time.perf_counter()
 
         query, hits = self._retrieve(question, mode, top_k, kv_attention, timings)
@@ -173,9 +177,13 @@ class RagCache:
         t = time.perf_counter()
         room = sum(len(s.token_ids) for s in layout if not s.cached) + max_new_tokens
         sampling = Sampling(max_new_tokens, temperature, top_p, seed, ignore_eos)
+        streamed = self.streamed and not recompute  # recomputing reads the whole prefix first
         with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
-                                query.kv if query else None, room, self.cost, self.streamed) as loaded:
+                                query.kv if query else None, room, self.cost, streamed) as loaded:
             timings["kv_load"] = time.perf_counter() - t  # streamed: until the first layer may start
+            t = time.perf_counter()
+            blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
+            timings["recompute"] = time.perf_counter() - t
             out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token)
 
         timings["prefill"], timings["decode"] = out.prefill_s, out.decode_s
@@ -197,6 +205,24 @@ class RagCache:
             left = [v for v in left if v != name]
         counts["recomputed"] = {"hits": len(left), "misses": 0}
         return counts
+
+    def fidelity(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
+                 reference: str = "", templates: Templates | None = None, recompute: float = 0.0) -> Drift:
+        """How far `mode`'s next-token distributions drift from the full recompute of its layout order,
+        at the first answer token and over `reference` (the gold answer) fed in token by token."""
+        follow = self.model.tokenize(reference)[:-1] if reference else []
+        mode, order = vocab.ask_arguments(question, mode, order, top_k, 1 + len(follow))
+        self._check_question(question, 1 + len(follow), mode)
+        kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
+        query, hits = self._retrieve(question, mode, top_k, kv_attention, {})
+        layout, _ = self._layout(mode, order, question, query, hits, templates or Templates(), kv_attention,
+                                 1 + len(follow))
+        room = sum(len(s.token_ids) for s in layout if not s.cached) + len(follow)
+        with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
+                                query.kv if query else None, room, self.cost) as loaded:
+            blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
+            cached = generation.forced_logits(self.model, layout, loaded.cache, loaded.n_cached, follow)
+        return fidelity.drift(cached, generation.full_attention_logits(self.model, layout, follow))
 
     def recompute(self, layout: list[Segment], max_new_tokens: int = 16, ignore_eos: bool = False) -> tuple[list[int], torch.Tensor]:
         """Greedy tokens and first-step logits from one full forward with the layout's equivalent mask.

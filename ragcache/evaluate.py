@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
-from . import metrics
+from . import fidelity, metrics
 from .engine import RagCache
 from .errors import RagcacheError
 
@@ -78,7 +78,10 @@ def load_qrels(path: Path) -> dict[str, dict[str, int]]:
 
 
 def load_questions(path: Path) -> list[dict]:
-    """NQ-open lines: {"question": str, "answer": [str, ...]} (a single string answer is accepted too)."""
+    """NQ-open lines: {"question": str, "answer": [str, ...]} (a single string answer is accepted too);
+    or SQuAD's own JSON (data -> paragraphs -> qas), whose answerable questions are taken."""
+    if Path(path).suffix.lower() == ".json":
+        return _squad_questions(path)
     questions = []
     for n, record in _jsonl(path):
         answers = record.get("answer")
@@ -89,6 +92,28 @@ def load_questions(path: Path) -> list[dict]:
     if not questions:
         raise RagcacheError(f"'{path}' holds no questions")
     return questions
+
+
+def _squad_questions(path: Path) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        questions = [{"question": qa["question"], "answers": list(dict.fromkeys(a["text"] for a in qa["answers"]))}
+                     for article in data["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]
+                     if not qa.get("is_impossible") and qa["answers"]]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RagcacheError(f"cannot read '{path}': {e}") from None
+    except (KeyError, TypeError):
+        raise RagcacheError(f"'{path}' is not SQuAD's JSON (data -> paragraphs -> qas -> answers)") from None
+    if not questions:
+        raise RagcacheError(f"'{path}' holds no answerable questions")
+    return questions
+
+
+def squad_paragraphs(path: Path) -> list[dict]:
+    """SQuAD's paragraphs as corpus records ({_id, title, text}), for `ragcache index`."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return [{"_id": f"{a}-{p}", "title": article["title"], "text": paragraph["context"]}
+            for a, article in enumerate(data["data"]) for p, paragraph in enumerate(article["paragraphs"])]
 
 
 # ---- retrieval ---------------------------------------------------------------------------------
@@ -136,11 +161,14 @@ def retrieval_table(result: dict) -> str:
 
 # ---- answers -----------------------------------------------------------------------------------
 def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k: int = 1, max_new_tokens: int = 16,
-       order: str = "doc-first", advance: Callable[[int], None] = lambda n: None, **ask_kwargs) -> list[dict]:
+       order: str = "doc-first", advance: Callable[[int], None] = lambda n: None, with_fidelity: bool = False,
+       **ask_kwargs) -> list[dict]:
     """Answer every question in every mode (questions outermost, so partial runs compare fairly).
 
     The defaults are the GRIT paper's reference setting: the top document only, 16 new tokens, greedy.
-    Returns one summary row per mode: scores in percent and latency statistics in ms.
+    Returns one summary row per mode: scores in percent and latency statistics in ms; with
+    `with_fidelity`, also each mode's drift from the full recompute of its layout (fidelity.py),
+    teacher-forced over the first gold answer.
     """
     rows: dict[str, list[dict]] = {m: [] for m in modes}
     for n, item in enumerate(questions):
@@ -148,6 +176,10 @@ def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k
             ans = rc.ask(item["question"], mode=mode, top_k=top_k, order=order, max_new_tokens=max_new_tokens,
                          **ask_kwargs)
             scores = metrics.qa_scores(ans.answer, item["answers"])
+            if with_fidelity:
+                scores |= rc.fidelity(item["question"], mode=mode, top_k=top_k, order=order,
+                                      reference=item["answers"][0], templates=ask_kwargs.get("templates"),
+                                      recompute=ask_kwargs.get("recompute", 0.0)).to_dict()
             rows[mode].append(scores | {"timings_ms": ans.timings_ms})
             out.write(json.dumps({"index": n, "mode": mode, "question": item["question"], "answers": item["answers"],
                                   "prediction": ans.answer, **scores,
@@ -164,17 +196,24 @@ def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k
 def _summary(mode: str, rows: list[dict]) -> dict:
     total = sorted(r["timings_ms"]["total"] for r in rows)
     ttft = [r["timings_ms"]["ttft"] for r in rows]
-    return {"mode": mode, "questions": len(rows)} | {
+    drift = {name: statistics.fmean(r[name] for r in rows) for name in fidelity.NAMES if name in rows[0]}
+    return {"mode": mode, "questions": len(rows)} | drift | {
         name: 100 * statistics.fmean(r[name] for r in rows) for name in metrics.QA_NAMES} | {
         "ttft_ms_median": statistics.median(ttft), "total_ms_median": statistics.median(total),
         "total_ms_mean": statistics.fmean(total), "total_ms_p90": total[math.ceil(0.9 * len(total)) - 1]}  # nearest rank
 
 
 def qa_table(summary: list[dict]) -> str:
+    drift = "kl_first" in summary[0]
     head = "| mode | questions | EM | Match | F1 | TTFT ms (median) | total ms (median) | total ms (mean) | total ms (p90) |"
-    lines = [head, "| --- |" + " ---: |" * 8]
+    head += " first-token KL | first-token top-1 | answer KL | answer top-1 |" if drift else ""
+    lines = [head, "| --- |" + " ---: |" * (12 if drift else 8)]
     for s in summary:
-        lines.append(f"| {s['mode']} | {s['questions']} | {s['em']:.2f} | {s['match']:.2f} | {s['f1']:.2f} | "
-                     f"{s['ttft_ms_median']:.1f} | {s['total_ms_median']:.1f} | {s['total_ms_mean']:.1f} | "
-                     f"{s['total_ms_p90']:.1f} |")
+        line = (f"| {s['mode']} | {s['questions']} | {s['em']:.2f} | {s['match']:.2f} | {s['f1']:.2f} | "
+                f"{s['ttft_ms_median']:.1f} | {s['total_ms_median']:.1f} | {s['total_ms_mean']:.1f} | "
+                f"{s['total_ms_p90']:.1f} |")
+        if drift:
+            line += (f" {s['kl_first']:.4f} | {100 * s['top1_first']:.1f} | {s['kl_answer']:.4f} | "
+                     f"{100 * s['top1_answer']:.1f} |")
+        lines.append(line)
     return "\n".join(lines)

@@ -101,3 +101,25 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def forced_logits(model: GritModel, layout: list[Segment], cache, n_cached: int, follow: list[int]) -> torch.Tensor:
+    """(1 + len(follow), vocab) float32: the next-token logits after the layout, then after each token of
+    `follow` fed in (teacher forcing), on the cached path."""
+    rest = [t for s in layout if not s.cached for t in s.token_ids]
+    ids = torch.tensor(rest + follow, device=model.device)[None]
+    positions = torch.arange(n_cached, n_cached + ids.shape[1], device=model.device)[None]
+    hidden, _ = model.forward(ids, positions, causal_allowed(ids.shape[1], n_cached, model.device), cache)
+    return model.logits(hidden[0, len(rest) - 1 :])
+
+
+@torch.inference_mode()
+def full_attention_logits(model: GritModel, layout: list[Segment], follow: list[int]) -> torch.Tensor:
+    """The same logits from one causal pass over the layout's tokens: nothing cached, everything attends
+    to everything before it (for a caching mode, the full recompute of its layout order)."""
+    tokens = [t for s in layout for t in s.token_ids]
+    ids = torch.tensor(tokens + follow, device=model.device)[None]
+    positions = torch.arange(ids.shape[1], device=model.device)[None]
+    hidden, _ = model.forward(ids, positions, causal_allowed(ids.shape[1], 0, model.device))
+    return model.logits(hidden[0, len(tokens) - 1 :])

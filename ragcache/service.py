@@ -188,6 +188,7 @@ class Service:
                 chat.question, mode=rag.mode, top_k=rag.top_k, order=rag.order, max_new_tokens=chat.max_tokens,
                 temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
                 templates=None if chat.rag else Templates.chat(), ignore_eos=chat.ignore_eos,
+                recompute=rag.recompute,
                 on_token=on_token if emit is not None or chat.stops or cancel is not None else None)
         tail = text.flush()
         if tail and emit is not None:

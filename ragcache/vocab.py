@@ -63,3 +63,9 @@ def ask_arguments(question: str, mode_name: str, order_name: str, top_k: int,
     at_least(top_k, 1, "top-k", "top_k")
     at_least(max_new_tokens, 1, "max-new-tokens", "max_new_tokens")
     return parsed
+
+
+def fraction(value: float, param: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise RagcacheError(f"{param} must be a fraction from 0 to 1 (got {value})", param=param)
+    return value

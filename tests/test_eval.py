@@ -231,3 +231,25 @@ def test_minilm_ranks_scifact_evidence(tmp_path, model):
         with open(tmp_path / "out.jsonl", "w") as out:
             result = evaluate.retrieval(rc, evaluate.load_queries(SCIFACT / "queries.jsonl"), judged, out)
     assert result["ndcg@10"] > 0.6 and result["recall@100"] == 1.0
+
+
+def test_eval_qa_reads_squad_json_and_measures_fidelity(tmp_path, model_dir, corpus_dir):
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"title": "France", "paragraphs": [{"context": "Paris is the capital.", "qas": [
+        {"question": "What is the capital of France?", "answers": [{"text": "Paris"}, {"text": "Paris"}]},
+        {"question": "What is unanswerable?", "answers": [], "is_impossible": True}]}]}]}))
+    assert evaluate.load_questions(squad) == [{"question": "What is the capital of France?", "answers": ["Paris"]}]
+    assert evaluate.squad_paragraphs(squad) == [{"_id": "0-0", "title": "France", "text": "Paris is the capital."}]
+    index = tmp_path / "idx"
+    assert run("index", corpus_dir, "-i", index, "-m", model_dir, "--chunk-tokens", 24).exit_code == 0
+    out = tmp_path / "out.jsonl"
+    result = run("eval", "qa", "-i", index, "--questions", squad, "--modes", "rag,doc", "-k", 2, "--fidelity",
+                 "--max-new-tokens", 2, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    rag, doc = json.loads(result.stdout)["modes"]
+    assert rag["kl_first"] < 1e-6 and rag["top1_answer"] == 1.0  # the full recompute of its own layout
+    assert doc["kl_first"] > 0
+    assert {"kl_first", "top1_first", "kl_answer", "top1_answer"} <= set(json.loads(out.read_text().splitlines()[1]))
+    table = run("eval", "qa", "-i", index, "--questions", squad, "--modes", "doc", "--fidelity", "--recompute", 1,
+                "--max-new-tokens", 2, "--out", out)
+    assert "first-token KL" in table.stdout and "| doc | 1 |" in table.stdout
