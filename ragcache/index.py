@@ -1,7 +1,7 @@
 """An index on disk: the LMDB store, the FAISS view of its vectors, and its description (IndexMeta).
 
-Opening checks every format first (meta.check_format), then, once a model and retriever are known,
-that they are the ones that made the stored caches and vectors. The FAISS view is rebuilt from LMDB
+Opening checks every format first (meta.check_format); IndexMeta then checks, once a model and a
+retriever are known, that they are the ones that made the stored caches and vectors. The FAISS view is rebuilt from LMDB
 when it is stale or missing, and saved when no other process is writing.
 """
 
@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import RagcacheError
-from .meta import EmbedderIdentity, IndexMeta, ModelIdentity
+from .meta import IndexMeta
 from .records import Chunk, FileRecord, Hit
 from .store import Store
 from .vectors import Vectors
@@ -61,12 +61,6 @@ class Index:
         """Record the KV codec chosen for this index (by the first batch's probe)."""
         self.meta.kv_codec = codec
         self.store.set_meta(self.meta.to_json())
-
-    def check(self, model: ModelIdentity, embedder: EmbedderIdentity | None) -> None:
-        """Refuse a model or embedder other than the ones that made the stored caches and vectors."""
-        if self.meta is not None:
-            self.meta.check_model(model, str(self.path))
-            self.meta.check_embedder(embedder, str(self.path))
 
     def close(self) -> None:
         self.store.close()
