@@ -223,3 +223,13 @@ def smollm2(gguf_home):
         yield GritModel.load(str(path), device="cpu", dtype="float32")
     finally:
         mp.undo()
+
+
+@pytest.fixture(scope="module", params=["bidirectional", "causal"])
+def rc(request, tmp_path_factory, model, corpus_dir):
+    """An index of the small corpus (24-token chunks) with each KV attention, open for the module."""
+    from ragcache import RagCache
+    rc = RagCache.open(tmp_path_factory.mktemp(f"idx-{request.param}") / "idx", model=model)
+    rc.index([corpus_dir], kv_attention=request.param, chunk_tokens=24)
+    yield rc
+    rc.close()

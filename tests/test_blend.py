@@ -2,17 +2,11 @@
 
 import pytest
 
-from ragcache import RagCache, RagcacheError
+from ragcache import RagcacheError
 
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", params=["bidirectional", "causal"])
-def rc(request, tmp_path_factory, model, corpus_dir):
-    rc = RagCache.open(tmp_path_factory.mktemp(f"blend-{request.param}") / "idx", model=model)
-    rc.index([corpus_dir], kv_attention=request.param, chunk_tokens=24)
-    yield rc
-    rc.close()
 
 
 def _ask(rc, **kwargs):

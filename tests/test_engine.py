@@ -13,12 +13,6 @@ from ragcache.vocab import MODES
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", params=["bidirectional", "causal"])
-def rc(request, tmp_path_factory, model, corpus_dir):
-    rc = RagCache.open(tmp_path_factory.mktemp(f"idx-{request.param}") / "idx", model=model)
-    rc.index([corpus_dir], kv_attention=request.param, chunk_tokens=24)
-    yield rc
-    rc.close()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -3,18 +3,11 @@
 import pytest
 import torch
 
-from ragcache import RagCache
 from ragcache.fidelity import drift
 
 QUESTION = "What is the capital of France?"
 
 
-@pytest.fixture(scope="module", params=["bidirectional", "causal"])
-def rc(request, tmp_path_factory, model, corpus_dir):
-    rc = RagCache.open(tmp_path_factory.mktemp(f"fid-{request.param}") / "idx", model=model)
-    rc.index([corpus_dir], kv_attention=request.param, chunk_tokens=24)
-    yield rc
-    rc.close()
 
 
 def test_drift_of_identical_logits_is_zero_and_of_others_positive():
