@@ -87,3 +87,36 @@ class Loader:
         self.thread.join()
         if self.stream is not None:
             self.stream.synchronize()
+
+
+class StepGraph:
+    """Runs `step` (which reads and writes only fixed tensors) eagerly; on a GPU, after one eager run,
+    captures it in a CUDA graph and replays that: one launch instead of hundreds of kernels a step.
+    A step that cannot be captured keeps running eagerly."""
+
+    def __init__(self, step: Callable[[], None], device: torch.device):
+        self.step, self.cuda = step, torch.device(device).type == "cuda"
+        self.runs, self.graph = 0, None
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.cuda and self.runs >= 1:
+            self.graph = self._capture()
+            if self.graph is None:
+                self.step()
+            else:
+                self.graph.replay()  # capturing records the step without running it
+        else:
+            self.step()
+        self.runs += 1
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step()
+        except RuntimeError:  # something in the step synchronises with the host: stay eager
+            self.cuda = False
+            return None
+        return graph

@@ -260,3 +260,55 @@ def first_layers_kv(hf, ids: torch.Tensor, positions: torch.Tensor, allowed: tor
     finally:
         decoder.layers = kept
     return cache
+
+
+class _StaticLayer(DynamicLayer):
+    """A reserved layer read whole and written at `position`, a device tensor: every decode step has
+    the same shapes and no host-side length, so the step can be captured once and replayed."""
+
+    def __init__(self, layer: ReservedLayer, position: torch.Tensor):
+        super().__init__()
+        self.layer, self.position = layer, position
+        self.keys, self.values = layer._keys, layer._values  # (1, kv_heads, capacity, head_dim)
+        self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.layer._keys.index_copy_(2, self.position, key_states)
+        self.layer._values.index_copy_(2, self.position, value_states)
+        return self.layer._keys, self.layer._values
+
+
+class StaticDecoder:
+    """One-token decode steps at a fixed shape over a reserved cache (capacity slots, a mask hiding
+    the empty ones). On a GPU the step is captured in a CUDA graph after one eager step, and replayed
+    (accel.capture); anywhere it cannot be, it runs eagerly, with the same results."""
+
+    def __init__(self, hf, cache: Cache, length: int, dtype: torch.dtype, device: torch.device):
+        capacity = cache.layers[0]._keys.shape[2]
+        for layer in cache.layers:  # empty slots are read (and masked): they must hold numbers, not NaN
+            layer._keys[:, :, length:].zero_()
+            layer._values[:, :, length:].zero_()
+        self.hf, self.capacity, self.length = hf, capacity, length  # length: on the host, never read back
+        self.position = torch.tensor([length], device=device)
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.mask = torch.full((1, 1, 1, capacity), torch.finfo(dtype).min, dtype=dtype, device=device)
+        self.mask[..., :length] = 0
+        self.cache = Cache(layers=[_StaticLayer(layer, self.position) for layer in cache.layers])
+        self.hidden: torch.Tensor | None = None
+        self.graph = accel.StepGraph(self._forward, device)
+
+    def _forward(self) -> None:
+        out = self.hf.get_decoder()(input_ids=self.ids, position_ids=self.position[None], attention_mask=self.mask,
+                                    past_key_values=self.cache, use_cache=True)
+        self.hidden = out.last_hidden_state  # (1, 1, hidden)
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed `token` at the next position; its last hidden state (1, 1, hidden)."""
+        if self.length >= self.capacity:
+            raise AssertionError("the reserved cache is full")
+        self.ids.fill_(token)
+        self.mask.index_fill_(3, self.position, 0)
+        self.graph.run()
+        self.position += 1
+        self.length += 1
+        return self.hidden

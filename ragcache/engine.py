@@ -55,6 +55,8 @@ class RagCache:
         self.kv_source: KVSource = StoreKV(stored.store, on_read=self.cost.measured_read)
         # fill the cache layer by layer while the prefill runs: on a GPU, where a side stream copies
         self.streamed = model.device.type == "cuda"
+        # decode at a fixed shape, so a GPU captures the step in a CUDA graph once and replays it
+        self.static_decode = model.device.type == "cuda"
 
     def use_tiers(self, gpu_gb: float, host_gb: float) -> None:
         """Keep chunk caches warm in GPU and host memory (LRUs of these sizes) in front of the store."""
@@ -184,7 +186,8 @@ class RagCache:
             t = time.perf_counter()
             blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
             timings["recompute"] = time.perf_counter() - t
-            out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token)
+            out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token,
+                                      self.static_decode)
 
         timings["prefill"], timings["decode"] = out.prefill_s, out.decode_s
         self.cost.measured_prefill(sum(len(s.token_ids) for s in layout if not s.cached), out.prefill_s)

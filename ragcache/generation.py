@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import causal_allowed
+from .adapter import StaticDecoder, causal_allowed
 from .model import GritModel
 from .prompts import Segment, layout_allowed
 
@@ -37,8 +37,12 @@ class Generated:
 
 
 def generate(model: GritModel, layout: list[Segment], cache, n_cached: int, sampling: Sampling,
-             on_token: OnToken | None = None) -> Generated:
-    """Prefill the layout's computed tokens after the `n_cached` cached ones, then decode."""
+             on_token: OnToken | None = None, static: bool = False) -> Generated:
+    """Prefill the layout's computed tokens after the `n_cached` cached ones, then decode.
+
+    `static` decodes at a fixed shape over the reserved cache (adapter.StaticDecoder): on a GPU the
+    step is then captured once in a CUDA graph and replayed. The tokens are the same either way.
+    """
     t0 = time.perf_counter()
     rest = [t for s in layout if not s.cached for t in s.token_ids]
     ids = torch.tensor(rest, device=model.device)[None]
@@ -46,7 +50,7 @@ def generate(model: GritModel, layout: list[Segment], cache, n_cached: int, samp
     hidden, cache = model.forward(ids, positions, causal_allowed(len(rest), n_cached, model.device), cache)
     logits = model.logits(hidden[0, -1])
     prefill_s = time.perf_counter() - t0
-    tokens, decode_s = decode(model, cache, logits, n_cached + len(rest), sampling, on_token)
+    tokens, decode_s = decode(model, cache, logits, n_cached + len(rest), sampling, on_token, static)
     return Generated(tokens, logits, prefill_s, decode_s)
 
 
@@ -61,10 +65,12 @@ def recompute(model: GritModel, layout: list[Segment], sampling: Sampling) -> tu
     return tokens, logits
 
 
+@torch.inference_mode()
 def decode(model: GritModel, cache, logits: torch.Tensor, position: int, sampling: Sampling,
-           on_token: OnToken | None) -> tuple[list[int], float]:
+           on_token: OnToken | None, static: bool = False) -> tuple[list[int], float]:
     """Sample from `logits`, feed each token back at `position` onwards; (tokens, seconds)."""
     t0 = time.perf_counter()
+    stepper = StaticDecoder(model.hf, cache, position, model.dtype, model.device) if static else None
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed) if sampling.seed is not None else None
     tokens: list[int] = []
     shown = ""
@@ -82,8 +88,11 @@ def decode(model: GritModel, cache, logits: torch.Tensor, position: int, samplin
                     break
         if len(tokens) >= sampling.max_new_tokens:
             break
-        ids = torch.tensor([[token]], device=model.device)
-        hidden, cache = model.forward(ids, torch.tensor([[position]], device=model.device), None, cache)
+        if stepper is not None:
+            hidden = stepper.step(token)
+        else:
+            ids = torch.tensor([[token]], device=model.device)
+            hidden, cache = model.forward(ids, torch.tensor([[position]], device=model.device), None, cache)
         logits = model.logits(hidden[0, -1])
         position += 1
     rest = model.decode(tokens)[len(shown):] if on_token is not None else ""

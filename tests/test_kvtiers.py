@@ -168,3 +168,19 @@ def test_each_layer_waits_for_its_own_copy(model):
         assert torch.equal(cache.layers[1].values[0], part[1, 1])
     finally:
         adapter.rotate_keys = real_rotate
+
+
+@pytest.mark.parametrize("mode", ["none", "doc", "doc-query", "rag"])
+def test_static_decoding_gives_the_same_tokens(rc, mode):
+    """The fixed-shape decode loop (which a GPU captures in a CUDA graph) against the growing one."""
+    plain = rc.ask(QUESTION, mode=mode, top_k=2, max_new_tokens=10, ignore_eos=True)
+    rc.static_decode = True
+    try:
+        static = rc.ask(QUESTION, mode=mode, top_k=2, max_new_tokens=10, ignore_eos=True)
+        sampled = [rc.ask(QUESTION, mode=mode, top_k=2, max_new_tokens=6, temperature=1.0, seed=3,
+                          ignore_eos=True).token_ids for _ in range(2)]
+    finally:
+        rc.static_decode = False
+    assert static.token_ids == plain.token_ids
+    assert sampled[0] == sampled[1] == rc.ask(QUESTION, mode=mode, top_k=2, max_new_tokens=6, temperature=1.0,
+                                              seed=3, ignore_eos=True).token_ids
