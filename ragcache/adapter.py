@@ -122,12 +122,19 @@ def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
 
 # ---- caches ------------------------------------------------------------------------------------------
 def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
-    """Cut one sequence's first `length` tokens out of a batched HF cache, in one copy, onto the CPU."""
+    """Cut one sequence's first `length` tokens out of a batched HF cache, in one copy, onto the CPU.
+
+    From a GPU the copy lands in pinned memory, several times faster than pageable memory.
+    """
     first = cache.layers[0].keys  # each layer: keys/values (batch, kv_heads, tokens, head_dim)
-    out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype)
+    cuda = first.device.type == "cuda"
+    out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype,
+                      pin_memory=cuda)
     for i, layer in enumerate(cache.layers):
-        out[i, 0].copy_(layer.keys[row, :, :length])
-        out[i, 1].copy_(layer.values[row, :, :length])
+        out[i, 0].copy_(layer.keys[row, :, :length], non_blocking=cuda)
+        out[i, 1].copy_(layer.values[row, :, :length], non_blocking=cuda)
+    if cuda:
+        torch.cuda.current_stream(first.device).synchronize()  # the bytes are read right after
     return out  # (layers, 2, kv_heads, tokens, head_dim)
 
 
