@@ -86,6 +86,8 @@ def _tiers(rc, gpu_gb: Optional[float], host_gb: Optional[float], long_lived: bo
     """Memory tiers in front of the store: the sizes given, else the defaults for this kind of process."""
     from .kvtiers import default_sizes
     model = rc.model
+    if gpu_gb and model.device.type != "cuda":
+        typer.echo("warning: the model runs on the CPU, so --gpu-cache-gb is ignored", err=True)
     gpu_default, host_default = default_sizes(model.device, long_lived, model.kv_bytes_per_token, model.max_context)
     rc.use_tiers(gpu_default if gpu_gb is None else gpu_gb, host_default if host_gb is None else host_gb)
 

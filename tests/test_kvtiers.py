@@ -121,6 +121,8 @@ def test_ask_json_names_the_tier_of_each_chunk(rc, tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert set(out["kv_served_by"].values()) == {"store"} and out["kv_tiers"]["host"] == {"hits": 0, "misses": 2}
+    cpu = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(copy), "--gpu-cache-gb", "1", "--max-new-tokens", "1"])
+    assert cpu.exit_code == 0 and "--gpu-cache-gb is ignored" in cpu.stderr
     bad = CliRunner().invoke(app, ["ask", QUESTION, "-i", str(copy), "--host-cache-gb", "-1"])
     assert bad.exit_code == 1 and "--host-cache-gb must be 0 or more" in bad.output
 
