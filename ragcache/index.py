@@ -90,12 +90,10 @@ class Index:
         vectors = Vectors.load(path, stamp)
         if vectors is None:
             existed = path.exists()
-            ids, vecs = self.store.embeddings()
-            vectors = Vectors(self.meta.dim)
-            vectors.add(ids, vecs)
-            if len(ids) and self._save_rebuilt(vectors, stamp):
+            vectors = self._from_lmdb()
+            if len(vectors) and self._save_rebuilt(vectors, stamp):
                 log.warning(f"the vector index was {'out of date' if existed else 'missing'} (an interrupted run?); "
-                            f"rebuilt it from {len(ids)} stored embeddings")
+                            f"rebuilt it from {len(vectors)} stored embeddings")
         self._vectors, self._vectors_stamp = vectors, stamp
         return vectors
 
@@ -136,9 +134,10 @@ class Index:
 
     def rebuild_vectors(self) -> None:
         """Drop the view and build it anew from LMDB, then save it (verify --repair)."""
+        self.save_vectors(self._from_lmdb())
+
+    def _from_lmdb(self) -> Vectors:
         ids, vecs = self.store.embeddings()
         vectors = Vectors(self.meta.dim)
         vectors.add(ids, vecs)
-        stamp = self.store.version()
-        vectors.save(self.path / "vectors.faiss", stamp)
-        self._vectors, self._vectors_stamp = vectors, stamp
+        return vectors
