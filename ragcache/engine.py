@@ -52,7 +52,8 @@ class RagCache:
     def __init__(self, stored: Index, model: GritModel, retriever: Retriever):
         self.stored, self.model, self.retriever = stored, model, retriever  # stored: the index on disk
         self.cost = kvtiers.CostModel()  # read or recompute: learnt from this process's reads and passes
-        self.kv_source: KVSource = StoreKV(stored.store, on_read=self.cost.measured_read)
+        self.kv_source: KVSource
+        self.use_tiers(gpu_gb=0, host_gb=0)  # the store alone, until a long-lived process asks for tiers
         # fill the cache layer by layer while the prefill runs: on a GPU, where a side stream copies
         self.streamed = model.device.type == "cuda"
         # decode at a fixed shape, so a GPU captures the step in a CUDA graph once and replays it
