@@ -45,7 +45,8 @@ class KVSource(Protocol):
 class StoreKV:
     """The index's LMDB store: blobs checked and read in place from the memory map.
 
-    Each read is timed, so `on_read(bytes, seconds)` learns the storage's bandwidth.
+    Each read is timed, so `on_read(bytes, seconds)` learns the storage's bandwidth: the KV bytes it
+    delivers per second, checksum and any decompression included.
     """
 
     name = "store"
@@ -70,8 +71,8 @@ class StoreKV:
                 except kvlib.CorruptKV as e:
                     batch.damaged[cid] = str(e)
                     continue
-                if self.on_read is not None:
-                    self.on_read(len(view), time.perf_counter() - t0)
+                if self.on_read is not None:  # in the KV's own bytes, as the cost model counts them
+                    self.on_read(tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
                 # on the CPU the view itself: the one copy is into the model's cache
                 batch.tensors[cid] = tensor if torch.device(device).type == "cpu" else tensor.to(device)
                 batch.served_by[cid] = self.name
