@@ -162,7 +162,6 @@ class _Writer:
 
     def __init__(self, index: Index, vectors: Vectors, stats: IndexStats, advance, pipelined: bool):
         self.index, self.vectors, self.stats, self.advance = index, vectors, stats, advance
-        self.pipelined = pipelined
         self.queue: queue.Queue = queue.Queue(maxsize=self.QUEUE_BATCHES)
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -175,7 +174,7 @@ class _Writer:
 
     def submit(self, batch: list, encoded: list, codec: int, blobs: list | None = None) -> None:
         """Commit `batch`; `blobs`, when given, are its KV already packed (by the codec probe)."""
-        if not self.pipelined:
+        if self.thread is None:
             return self._write(batch, encoded, codec, blobs)
         self._raise()
         self.queue.put((batch, encoded, codec, blobs))  # blocks while QUEUE_BATCHES wait: bounded memory
