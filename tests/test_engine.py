@@ -86,14 +86,21 @@ def test_bad_questions_are_clear_errors(rc, bad):
         rc.ask(kwargs.pop("question"), **kwargs)
 
 
-def test_context_overflow_drops_lowest_ranked(tmp_path, capsys):
-    small = GritModel.load(str(build_model(tmp_path / "m", max_positions=96)), device="cpu", dtype="float32")
+def _small_context_index(tmp_path, max_positions: int, docs: int, text: str) -> RagCache:
+    """An index of `docs` one-line files, under a model whose context is only `max_positions` tokens."""
+    small = GritModel.load(str(build_model(tmp_path / "m", max_positions=max_positions)), device="cpu",
+                           dtype="float32")
     corpus = tmp_path / "c"
     corpus.mkdir()
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(f"Document {i} says that Paris is the capital of France and more words.")
-    with RagCache.open(tmp_path / "idx", model=small) as rc:
-        rc.index([corpus])
+    for i in range(docs):
+        (corpus / f"{i}.txt").write_text(f"Document {i} says that {text}")
+    rc = RagCache.open(tmp_path / "idx", model=small)
+    rc.index([corpus])
+    return rc
+
+
+def test_context_overflow_drops_lowest_ranked(tmp_path, capsys):
+    with _small_context_index(tmp_path, 96, 4, "Paris is the capital of France and more words.") as rc:
         answer = rc.ask(QUESTION, mode="doc", top_k=4, max_new_tokens=8)
         assert 1 <= len(answer.sources) < 4
         assert sum(len(s.token_ids) for s in answer.layout) + 8 <= 96
@@ -106,13 +113,7 @@ def test_context_overflow_drops_lowest_ranked(tmp_path, capsys):
 
 
 def test_a_huge_top_k_warns_once(tmp_path, capsys):
-    small = GritModel.load(str(build_model(tmp_path / "m", max_positions=128)), device="cpu", dtype="float32")
-    corpus = tmp_path / "c"
-    corpus.mkdir()
-    for i in range(30):
-        (corpus / f"{i}.txt").write_text(f"Document {i} says that Paris is the capital of France.")
-    with RagCache.open(tmp_path / "idx", model=small) as rc:
-        rc.index([corpus])
+    with _small_context_index(tmp_path, 128, 30, "Paris is the capital of France.") as rc:
         capsys.readouterr()
         answer = rc.ask(QUESTION, mode="doc", top_k=100_000, max_new_tokens=4)
     err = capsys.readouterr().err.splitlines()
