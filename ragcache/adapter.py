@@ -121,8 +121,8 @@ def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
 
 
 # ---- caches ------------------------------------------------------------------------------------------
-def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
-    """Cut one sequence's first `length` tokens out of a batched HF cache, in one copy, onto the CPU.
+def from_cache(cache: Cache, row: int, length: int, start: int = 0) -> torch.Tensor:
+    """Cut one sequence's `length` tokens from `start` out of a batched HF cache, in one copy, onto the CPU.
 
     From a GPU the copy lands in pinned memory, several times faster than pageable memory.
     """
@@ -131,8 +131,8 @@ def from_cache(cache: Cache, row: int, length: int) -> torch.Tensor:
     out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype,
                       pin_memory=cuda)
     for i, layer in enumerate(cache.layers):
-        out[i, 0].copy_(layer.keys[row, :, :length], non_blocking=cuda)
-        out[i, 1].copy_(layer.values[row, :, :length], non_blocking=cuda)
+        out[i, 0].copy_(layer.keys[row, :, start : start + length], non_blocking=cuda)
+        out[i, 1].copy_(layer.values[row, :, start : start + length], non_blocking=cuda)
     if cuda:
         torch.cuda.current_stream(first.device).synchronize()  # the bytes are read right after
     return out  # (layers, 2, kv_heads, tokens, head_dim)

@@ -51,7 +51,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 # The library names the parameter at fault; where its message does not say which flag that is
 # (a mode or an order names itself), the CLI adds the flag.
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "embedder": "--embedder",
-         "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention"}
+         "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention", "layout": "--layout"}
 
 
 def _errors(fn):
@@ -124,6 +124,9 @@ def index(
                                             "embeds for retrieval instead of the model (the two-model baseline; "
                                             "KV attention then defaults to causal)"),
     max_file_mb: float = typer.Option(MAX_FILE_MB, "--max-file-mb", help="Skip (and count) larger files"),
+    layout: Optional[str] = typer.Option(None, "--layout", help="grit (the paper's prompts) or chat (the model's "
+                                         "chat template, chunks cached after a fixed preamble); default: grit "
+                                         "for GRIT models, chat for others that have a chat template"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why"),
@@ -132,6 +135,8 @@ def index(
     """Chunk CORPUS and store each chunk's embedding and KV cache."""
     if kv_attention is not None:
         vocab.attention(kv_attention)
+    if layout is not None:
+        vocab.style(layout)
     if chunk_tokens is not None and chunk_tokens < 8:
         raise RagcacheError("--chunk-tokens must be at least 8")
     if max_file_mb <= 0:
@@ -149,7 +154,7 @@ def index(
     with rc:
         stats = rc.index_corpus(found, roots(corpus), chunk_tokens=chunk_tokens, kv_attention=kv_attention,
                                 prune=prune, show_progress=not as_json and sys.stderr.isatty(),
-                                batch_size=batch_size, max_file_mb=max_file_mb)
+                                batch_size=batch_size, max_file_mb=max_file_mb, layout=layout)
         empty = rc.stored.count() == 0
     if empty:  # nothing could be indexed and nothing was there: say why, and leave no empty index behind
         if not existed:
@@ -319,7 +324,8 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
         i, m = out["index_info"], meta.model
         typer.echo(f"  model {m.name} ({m.dtype}, fingerprint {m.fingerprint})\n"
                    f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
-                   f"chunks of at most {meta.chunk_tokens} tokens; KV attention {meta.kv_attention}")
+                   f"chunks of at most {meta.chunk_tokens} tokens; KV attention {meta.kv_attention}; "
+                   f"{meta.layout} layout")
         if meta.embedder is not None:
             e = meta.embedder
             typer.echo(f"  retrieval by embedder {e.name} (fingerprint {e.fingerprint}, {e.dim} dimensions, "

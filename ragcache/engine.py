@@ -23,7 +23,7 @@ from .index import Index
 from .kvsource import KVSource, StoreKV
 from .meta import IndexMeta
 from .model import Encoded, GritModel
-from .prompts import Doc, Segment, Templates
+from .prompts import Doc, Frame, Segment, Templates
 from .records import Hit, Source
 from .retriever import EmbedderRetriever, GritRetriever, Retriever
 
@@ -51,6 +51,8 @@ class Answer:
 class RagCache:
     def __init__(self, stored: Index, model: GritModel, retriever: Retriever):
         self.stored, self.model, self.retriever = stored, model, retriever  # stored: the index on disk
+        self._frame: tuple[str, Frame] | None = None  # the chat style's frame, for the preamble it was made with
+        self._head: Encoded | None = None  # the chat style's head, computed once
         self.cost = kvtiers.CostModel()  # read or recompute: learnt from this process's reads and passes
         self.kv_source: KVSource
         self.use_tiers(gpu_gb=0, host_gb=0)  # the store alone, until a long-lived process asks for tiers
@@ -111,22 +113,47 @@ class RagCache:
     def vectors(self):
         return self.stored.vectors()
 
+    @property
+    def frame(self) -> Frame:
+        """How this index lays out and computes cached segments: GRIT's formats, or the model's chat template."""
+        meta = self.meta
+        if meta is None or meta.layout == "grit":
+            return prompts.GRIT
+        if self._frame is None or self._frame[0] != meta.preamble:
+            self._frame = (meta.preamble, prompts.chat_frame(self.model.tokenizer, meta.preamble))
+        return self._frame[1]
+
+    def default_layout(self) -> vocab.Style:
+        """GRIT's layouts for a GRIT model (or one without a chat template), the chat template's otherwise."""
+        template = getattr(self.model.tokenizer, "chat_template", None)
+        return "chat" if template and not self.model.grit_trained else "grit"
+
     # ---- indexing ------------------------------------------------------------------------------
     def index_corpus(self, found: corpus.Discovery, roots: list[Path], chunk_tokens: int | None = None,
                      kv_attention: vocab.Attention | None = None, prune: bool = True, show_progress: bool = False,
                      batch_size: int = 8, warn: Callable[[str], None] = log.warning,
-                     max_file_mb: float = corpus.MAX_FILE_MB, pipelined: bool | None = None) -> indexer.IndexStats:
+                     max_file_mb: float = corpus.MAX_FILE_MB, pipelined: bool | None = None,
+                     layout: vocab.Style | None = None) -> indexer.IndexStats:
         """Index the files `corpus.discover` found under `roots` (scanned once, by the caller).
 
         `pipelined` commits on a writer thread while the next batch computes (default: on a GPU).
+        `layout` (a new index's; default_layout when None) is "grit" or "chat" (prompts.Frame).
         """
         if kv_attention is not None:
             vocab.attention(kv_attention)
-        meta = self.meta or IndexMeta(self.model.identity(), self.retriever.dim,
-                                      chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS,
-                                      kv_attention or self.retriever.default_kv_attention,
-                                      embedder=self.retriever.identity())
-        for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention)):
+        if layout is not None:
+            vocab.style(layout)
+        meta = self.meta
+        if meta is None:
+            style = layout or self.default_layout()
+            preamble = prompts.CHAT_PREAMBLE if style == "chat" else ""
+            if style == "chat":
+                prompts.chat_frame(self.model.tokenizer, preamble)  # refused before anything is written
+            # a chat model was never trained to attend both ways: its chunks are cached causally
+            attention = kv_attention or ("causal" if style == "chat" else self.retriever.default_kv_attention)
+            meta = IndexMeta(self.model.identity(), self.retriever.dim, chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS,
+                             attention, embedder=self.retriever.identity(), layout=style, preamble=preamble)
+        for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention), ("layout", layout)):
             if value is not None and value != getattr(meta, name):
                 raise RagcacheError(f"this index was built with {name.replace('_', '-')}={getattr(meta, name)}; "
                                     f"use a new index for {value}", param=name)
@@ -138,7 +165,7 @@ class RagCache:
                          "embeddings retrieve poorly; build the index with a separate embedder (--embedder PATH, "
                          "e.g. all-MiniLM-L6-v2)")
             vectors = self.stored.vectors()
-            stats = indexer.run(self.stored, self.model, self.retriever, vectors, found, roots, meta,
+            stats = indexer.run(self.stored, self.model, self.retriever, self.frame, vectors, found, roots, meta,
                                 prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
                                 max_file_mb=max_file_mb, pipelined=pipelined)
             self.stored.save_vectors(vectors)
@@ -148,7 +175,7 @@ class RagCache:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned.
 
         Options as for index_corpus: chunk_tokens, kv_attention, prune, show_progress, batch_size, warn,
-        max_file_mb, pipelined.
+        max_file_mb, pipelined, layout.
         """
         return self.index_corpus(corpus.discover(paths), corpus.roots(paths), **options)
 
@@ -181,8 +208,8 @@ class RagCache:
         room = sum(len(s.token_ids) for s in layout if not s.cached) + max_new_tokens
         sampling = Sampling(max_new_tokens, temperature, top_p, seed, ignore_eos)
         streamed = self.streamed and not recompute  # recomputing reads the whole prefix first
-        with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
-                                query.kv if query else None, room, self.cost, streamed) as loaded:
+        with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention, self.frame,
+                                self._computed(layout, query), room, self.cost, streamed) as loaded:
             timings["kv_load"] = time.perf_counter() - t  # streamed: until the first layer may start
             t = time.perf_counter()
             blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
@@ -222,8 +249,8 @@ class RagCache:
         layout, _ = self._layout(mode, order, question, query, hits, templates or Templates(), kv_attention,
                                  1 + len(follow))
         room = sum(len(s.token_ids) for s in layout if not s.cached) + len(follow)
-        with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention,
-                                query.kv if query else None, room, self.cost) as loaded:
+        with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention, self.frame,
+                                self._computed(layout, query), room, self.cost) as loaded:
             blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
             cached = generation.forced_logits(self.model, layout, loaded.cache, loaded.n_cached, follow)
         return fidelity.drift(cached, generation.full_attention_logits(self.model, layout, follow))
@@ -234,6 +261,17 @@ class RagCache:
         No stored cache is read: this is the reference the cached path must match.
         """
         return generation.recompute(self.model, layout, Sampling(max_new_tokens, ignore_eos=ignore_eos))
+
+    def _computed(self, layout: list[Segment], query: Encoded | None) -> dict[str, torch.Tensor]:
+        """The KV of the layout's cached segments that no source holds: the question's, the chat head's."""
+        out = {}
+        if query is not None and query.kv is not None:
+            out["query"] = query.kv
+        if any(s.kind == "head" and s.cached for s in layout):
+            if self._head is None or self._head.token_ids != layout[0].token_ids:
+                self._head = self.model.head_kv(self.frame)
+            out["head"] = self._head.kv
+        return out
 
     def _check_question(self, question: str, max_new_tokens: int, mode: vocab.Mode) -> None:
         asked = len(self.model.tokenize(question)) + max_new_tokens
@@ -249,7 +287,8 @@ class RagCache:
         if mode == "none":
             return None, []
         t0 = time.perf_counter()
-        query = self.retriever.encode([question], kv_attention if mode in vocab.QUERY_CACHED else None)[0]
+        query = self.retriever.encode([question], kv_attention if mode in vocab.QUERY_CACHED else None,
+                                      self.frame, "query")[0]
         t = time.perf_counter()
         timings["embed"] = t - t0
         hits = self.stored.search(query.embedding, top_k)
@@ -265,7 +304,7 @@ class RagCache:
         query_ids = query.token_ids if query else []
         while True:
             layout = prompts.build_layout(mode, order, question, query_ids, docs, self.model.tokenizer, templates,
-                                          kv_attention)
+                                          kv_attention, self.frame)
             length = sum(len(s.token_ids) for s in layout) + max_new_tokens
             if length <= self.model.max_context:
                 break

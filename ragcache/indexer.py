@@ -65,11 +65,12 @@ class _Pending:
     done: int = 0  # chunks a cut-short run already committed (same bytes): the run resumes after them
 
 
-def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, found: corpus.Discovery,
-        roots: list[Path], meta: IndexMeta, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
+def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Frame, vectors: Vectors,
+        found: corpus.Discovery, roots: list[Path], meta: IndexMeta, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
         warn: Callable[[str], None] = lambda m: None, max_file_mb: float = corpus.MAX_FILE_MB,
         pipelined: bool | None = None) -> IndexStats:
-    """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches.
+    """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches
+    (each chunk's cached segment in `frame`'s layout style).
 
     Chunks are encoded and committed BATCH_CHUNKS at a time, across files and within one, so memory
     stays bounded whatever a file's size, and a run cut short loses at most one batch. `pipelined`
@@ -123,7 +124,7 @@ def run(index: Index, model: GritModel, retriever: Retriever, vectors: Vectors, 
     with _progress(show_progress, total) as advance, _Writer(index, vectors, stats, advance, pipelined) as writer:
         for batch in _batches(pending):
             passages = [p.passages[i] for p, start, end in batch for i in range(start, end)]
-            encoded = retriever.encode(passages, kv=meta.kv_attention, batch_size=batch_size)
+            encoded = retriever.encode(passages, kv=meta.kv_attention, frame=frame, batch_size=batch_size)
             blobs = None
             if codec is None:
                 codec, blobs = _probe_codec(index, [e.kv for e in encoded])

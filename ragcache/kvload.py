@@ -23,7 +23,7 @@ from .index import Index
 from .kvsource import KVSource
 from .kvtiers import CostModel
 from .model import GritModel
-from .prompts import Segment, passage
+from .prompts import Frame, Segment, passage
 from .vocab import Attention
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,12 @@ class Loaded:
 
 @contextlib.contextmanager
 def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: GritModel, kv_attention: Attention,
-                query_kv: torch.Tensor | None, room: int, cost: CostModel | None = None,
+                frame: Frame, computed: dict[str, torch.Tensor], room: int, cost: CostModel | None = None,
                 streamed: bool = False) -> Iterator[Loaded]:
     """The cache of the layout's cached segments, which come first; `room` more tokens fit after them.
+
+    `computed` holds the KV of the cached segments no source holds, by kind: the question's ("query")
+    and the chat style's head ("head"); chunks ("doc") come from the source, in `frame`'s style.
 
     Generate inside the block: the source's tensors stay valid until it ends. With a cost model, a
     chunk no warm tier holds is recomputed instead of read when that is faster. `streamed` yields the
@@ -57,15 +60,15 @@ def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: Gr
         served = dict(got.served_by)
         for cid in docs:
             if cid in faster:
-                got.tensors[cid] = _recompute(index, model, kv_attention, cid, cost)
+                got.tensors[cid] = _recompute(index, model, kv_attention, frame, cid, cost)
                 served[cid] = "recomputed"  # faster than reading it: the same cache either way
             elif cid not in got.tensors:
                 why = f"damaged ({got.damaged[cid]})" if cid in got.damaged else "missing"
                 log.warning(f"the stored cache of chunk {cid} is {why}; recomputed it from its text "
                             "(ragcache verify --repair mends the index)")
-                got.tensors[cid] = _recompute(index, model, kv_attention, cid, cost)
+                got.tensors[cid] = _recompute(index, model, kv_attention, frame, cid, cost)
                 served[cid] = "recomputed"
-        parts = [query_kv if seg.kind == "query" else got.tensors[seg.chunk_id] for seg in prefix]
+        parts = [got.tensors[seg.chunk_id] if seg.kind == "doc" else computed[seg.kind] for seg in prefix]
         layers, n_cached = model.hf.config.num_hidden_layers, sum(len(s.token_ids) for s in prefix)
         if not (streamed and parts):  # (layers, 2, kv_heads, tokens, head_dim) each, copied in once
             yield Loaded(adapter.assemble(parts, model.inv_freq, layers, room, model.device, model.dtype),
@@ -78,11 +81,11 @@ def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: Gr
             loader.join()  # before the source's views may go
 
 
-def _recompute(index: Index, model: GritModel, kv_attention: Attention, cid: int,
+def _recompute(index: Index, model: GritModel, kv_attention: Attention, frame: Frame, cid: int,
                cost: CostModel | None) -> torch.Tensor:
     chunk = index.chunk(cid)
     t0 = time.perf_counter()
-    enc = model.encode([passage(chunk.title, chunk.text)], kv=kv_attention, embed=False)[0]
+    enc = model.encode_segments([passage(chunk.title, chunk.text)], frame, kv_attention)[0]
     if cost is not None:
         cost.measured_prefill(len(enc.token_ids), time.perf_counter() - t0)
     if enc.token_ids != chunk.token_ids:

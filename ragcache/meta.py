@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 from .errors import RagcacheError
 from .prompts import PROMPT_FORMAT
-from .vocab import Attention
+from .vocab import Attention, Style
 
 STORE_FORMAT = 3  # the LMDB databases and their records (store.py); 3: files commit in batches ("complete")
 KV_FORMAT = 2  # the KV blob header (kv.py)
@@ -48,6 +48,8 @@ class IndexMeta:
     kv_attention: Attention
     embedder: EmbedderIdentity | None = None  # None: the model embeds for retrieval itself
     kv_codec: str = "auto"  # how KV blobs are stored: "raw" or "zstd", chosen by probing the first batch
+    layout: Style = "grit"  # how cached segments are laid out and computed (prompts.Frame)
+    preamble: str = ""  # the chat style's context preamble, which every chunk's cache was computed after
     format_version: int = STORE_FORMAT
     kv_format_version: int = KV_FORMAT
     vectors_format_version: int = VECTORS_FORMAT
@@ -69,7 +71,8 @@ class IndexMeta:
             return cls(model=ModelIdentity(**data["model"]), dim=data["dim"], chunk_tokens=data["chunk_tokens"],
                        kv_attention=data["kv_attention"],
                        embedder=EmbedderIdentity(**embedder) if embedder else None,
-                       kv_codec=data.get("kv_codec", "auto"),
+                       kv_codec=data.get("kv_codec", "auto"), layout=data.get("layout", "grit"),
+                       preamble=data.get("preamble", ""),
                        format_version=data["format_version"], kv_format_version=data["kv_format_version"],
                        vectors_format_version=data.get("vectors_format_version", VECTORS_FORMAT),
                        prompt_format=data["prompt_format"], created=data.get("created", ""))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import adapter, config, prompts
+from . import kv as kvlib
 from .adapter import padded_allowed
 from .errors import RagcacheError
 from .meta import ModelIdentity
@@ -269,6 +270,53 @@ class GritModel:
             if progress is not None:
                 progress(len(rows))
         return results  # type: ignore[return-value]
+
+    def segment_tokens(self, text: str, frame: prompts.Frame, role: str = "doc") -> list[int]:
+        """The tokens of `text`'s cached segment (a chunk's passage, or the question) in `frame`'s style."""
+        return prompts.segment_tokens(self.tokenizer, frame, text, role)
+
+    @torch.inference_mode()
+    def encode_segments(self, texts: list[str], frame: prompts.Frame, kv: Attention, role: str = "doc",
+                        batch_size: int = 8) -> list[Encoded]:
+        """The tokens and KV of each text's cached segment as `frame` reads it; no embedding.
+
+        grit: the embedding prompt's pass. chat: the segment computed after the frame's head, whose
+        tokens it sees whole, with its own tokens seen as `kv` says; the head runs in every row (a few
+        dozen tokens beside hundreds). Keys are turned back to positions 0.., as every stored KV is held.
+        """
+        if frame.style == "grit":
+            return self.encode(texts, kv=kv, batch_size=batch_size, embed=False)
+        head = self.tokenize(frame.head)
+        after = len(head)
+        toks = [self.segment_tokens(t, frame, role) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(toks[i]))
+        results: list[Encoded | None] = [None] * len(texts)
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            lengths = [len(toks[i]) for i in rows]
+            ids = torch.zeros(len(rows), after + max(lengths), dtype=torch.long)
+            ids[:, :after] = torch.tensor(head)
+            for r, i in enumerate(rows):
+                ids[r, after : after + lengths[r]] = torch.tensor(toks[i])
+            ids = ids.to(self.device)
+            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+            allowed = padded_allowed([after + n for n in lengths], False, self.device)  # the head: causal
+            allowed[:, after:, after:] = padded_allowed(lengths, kv == "bidirectional", self.device)
+            _, cache = self.forward(ids, positions, allowed)
+            for r, i in enumerate(rows):
+                seg_kv = adapter.from_cache(cache, r, lengths[r], start=after)  # (layers, 2, kv_heads, n, head_dim)
+                seg_kv[:, 0] = kvlib.rotate_keys(seg_kv[:, 0], -after, self.inv_freq)
+                results[i] = Encoded(toks[i], None, seg_kv)
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def head_kv(self, frame: prompts.Frame) -> Encoded:
+        """The tokens and causal KV of the chat style's head, from position 0: cached once per process."""
+        ids = self.tokenize(frame.head)
+        n = len(ids)
+        _, cache = self.forward(torch.tensor([ids], device=self.device), torch.arange(n, device=self.device)[None],
+                                padded_allowed([n], False, self.device))
+        return Encoded(ids, None, adapter.from_cache(cache, 0, n))
 
     def embed(self, texts: list[str] | str, instruction: str = "", batch_size: int = 8,
               show_progress_bar: bool = False, convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:

@@ -6,9 +6,11 @@ Two implementations of one interface:
 - EmbedderRetriever: a separate sentence-transformers encoder (the two-model baseline) embeds; the
   generator runs its own pass for the cache, causal by default.
 
-`encode` pairs each text's retrieval vector with the generator's embedding-prompt tokens and KV, so
-indexing, recomputing a damaged cache, verify --repair and the question's pass never ask which
-retriever they have.
+`encode` pairs each text's retrieval vector with the generator's tokens and KV for the text's cached
+segment in the index's layout style (prompts.Frame), so indexing, recomputing a damaged cache,
+verify --repair and the question's pass never ask which retriever or style they have. Only the GRIT
+style with the GRIT model gets both from one pass, the paper's point; the chat style runs the
+generator's segment pass (GritModel.encode_segments) beside the embedding.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .embedder import Embedder
 from .errors import RagcacheError
 from .meta import EmbedderIdentity
 from .model import Encoded, GritModel
+from .prompts import GRIT, Frame
 from .vocab import Attention
 
 
@@ -41,8 +44,10 @@ class Retriever(Protocol):
         """Tokens each text takes in the embedding pass; a text too long for it is an error."""
         ...
 
-    def encode(self, texts: list[str], kv: Attention | None, batch_size: int = 8) -> list[Encoded]:
-        """Each text's retrieval vector, with the generator's embedding-prompt tokens and, when `kv`, its KV."""
+    def encode(self, texts: list[str], kv: Attention | None, frame: Frame = GRIT, role: str = "doc",
+               batch_size: int = 8) -> list[Encoded]:
+        """Each text's retrieval vector, with the generator's tokens of its segment (a chunk's, role "doc",
+        or the question's, "query") in `frame` and, when `kv`, that segment's KV."""
         ...
 
 
@@ -66,8 +71,12 @@ class GritRetriever:
                                     f"{self.model.max_context}", param="input")
         return counts
 
-    def encode(self, texts: list[str], kv: Attention | None, batch_size: int = 8) -> list[Encoded]:
-        return self.model.encode(texts, kv=kv, batch_size=batch_size)
+    def encode(self, texts: list[str], kv: Attention | None, frame: Frame = GRIT, role: str = "doc",
+               batch_size: int = 8) -> list[Encoded]:
+        if frame.style == "grit":  # the embedding pass is the segment's: one pass gives both
+            return self.model.encode(texts, kv=kv, batch_size=batch_size)
+        vectors = self.model.embed(texts, batch_size=batch_size)
+        return _with_vectors(self.model, texts, vectors, kv, frame, role, batch_size)
 
 
 class EmbedderRetriever:
@@ -91,11 +100,17 @@ class EmbedderRetriever:
         tokenizer = self.embedder.tokenizer
         return [min(len(tokenizer(t)["input_ids"]), self.embedder.max_tokens) for t in texts]
 
-    def encode(self, texts: list[str], kv: Attention | None, batch_size: int = 8) -> list[Encoded]:
-        vectors = self.embedder.embed(texts)
-        if kv is None:  # the generator's tokens only: no pass of its own
-            return [Encoded(self.model.embed_tokens(t)[0], v, None) for t, v in zip(texts, vectors)]
-        encoded = self.model.encode(texts, kv=kv, batch_size=batch_size, embed=False)
-        for enc, vector in zip(encoded, vectors):
-            enc.embedding = vector
-        return encoded
+    def encode(self, texts: list[str], kv: Attention | None, frame: Frame = GRIT, role: str = "doc",
+               batch_size: int = 8) -> list[Encoded]:
+        return _with_vectors(self.model, texts, self.embedder.embed(texts), kv, frame, role, batch_size)
+
+
+def _with_vectors(model: GritModel, texts: list[str], vectors: np.ndarray, kv: Attention | None, frame: Frame,
+                  role: str, batch_size: int) -> list[Encoded]:
+    """The retrieval vectors beside the generator's segment tokens and, when `kv`, its segment pass."""
+    if kv is None:  # the generator's tokens only: no pass of its own
+        return [Encoded(model.segment_tokens(t, frame, role), v, None) for t, v in zip(texts, vectors)]
+    encoded = model.encode_segments(texts, frame, kv, role, batch_size)
+    for enc, vector in zip(encoded, vectors):
+        enc.embedding = vector
+    return encoded

@@ -217,7 +217,8 @@ def _repair(rc: RagCache, found: _Found) -> None:
     for b in range(0, len(todo), ENCODE_BATCH):
         batch = todo[b : b + ENCODE_BATCH]
         chunks = [store.chunk(cid) for cid, _ in batch]
-        encoded = rc.retriever.encode([prompts.passage(c.title, c.text) for c in chunks], kv=meta.kv_attention)
+        encoded = rc.retriever.encode([prompts.passage(c.title, c.text) for c in chunks], kv=meta.kv_attention,
+                                      frame=rc.frame)
         for (cid, (parts, source)), chunk, enc in zip(batch, chunks, encoded):
             if enc.token_ids != chunk.token_ids:  # the text no longer yields its cache: read the file anew
                 found.drop_files.setdefault(source, set()).add(cid)

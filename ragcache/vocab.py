@@ -14,10 +14,12 @@ from .errors import RagcacheError
 Mode = Literal["none", "rag", "query", "doc", "query-doc", "doc-query"]
 Order = Literal["doc-first", "query-first"]
 Attention = Literal["bidirectional", "causal"]
+Style = Literal["grit", "chat"]  # how cached segments are laid out: GRIT's paper formats, or a chat template
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 ORDERS: tuple[Order, ...] = get_args(Order)
 ATTENTIONS: tuple[Attention, ...] = get_args(Attention)
+STYLES: tuple[Style, ...] = get_args(Style)
 QUERY_CACHED: tuple[Mode, ...] = ("query", "query-doc", "doc-query")  # modes whose question segment is cached
 
 T = TypeVar("T", bound=str)
@@ -39,6 +41,10 @@ def order(value: str) -> Order:
 
 def attention(value: str) -> Attention:
     return _parse(value, ATTENTIONS, "kv attention", "kv_attention")
+
+
+def style(value: str) -> Style:
+    return _parse(value, STYLES, "layout", "layout")
 
 
 def modes(value: str) -> list[Mode]:
