@@ -31,6 +31,9 @@ GpuCacheOpt = typer.Option(None, "--gpu-cache-gb", envvar="RAGCACHE_GPU_CACHE_GB
                            "caches (LRU; default: none for ask, half the free memory for serve and eval)")
 RecomputeOpt = typer.Option(0.0, "--recompute", help="Fraction (0-1) of the cached tokens to recompute with "
                             "full attention, those whose KV deviates most (CacheBlend); 1 equals rag")
+LocalCacheOpt = typer.Option(None, "--local-cache-gb", envvar="RAGCACHE_LOCAL_CACHE_GB", help="Local disk for "
+                             "chunk caches read from an object store (LRU under the home, kept across runs; "
+                             f"default {config.DEFAULT_LOCAL_CACHE_GB:g})")
 HostCacheOpt = typer.Option(None, "--host-cache-gb", envvar="RAGCACHE_HOST_CACHE_GB", help="Host memory for warm "
                             "chunk caches, pinned on a GPU machine (LRU; default: none for ask, an eighth of RAM "
                             "up to 16 for serve and eval)")
@@ -51,7 +54,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 # The library names the parameter at fault; where its message does not say which flag that is
 # (a mode or an order names itself), the CLI adds the flag.
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "embedder": "--embedder",
-         "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention", "layout": "--layout"}
+         "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention", "layout": "--layout",
+         "kv_store": "--kv-store"}
 
 
 def _errors(fn):
@@ -76,20 +80,22 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _check_tier_sizes(gpu_gb: Optional[float], host_gb: Optional[float]) -> None:
-    for name, value in (("--gpu-cache-gb", gpu_gb), ("--host-cache-gb", host_gb)):
+def _check_tier_sizes(gpu_gb: Optional[float], host_gb: Optional[float], local_gb: Optional[float]) -> None:
+    for name, value in (("--gpu-cache-gb", gpu_gb), ("--host-cache-gb", host_gb), ("--local-cache-gb", local_gb)):
         if value is not None and value < 0:
             raise RagcacheError(f"{name} must be 0 or more (got {value})")
 
 
-def _tiers(rc, gpu_gb: Optional[float], host_gb: Optional[float], long_lived: bool) -> None:
+def _tiers(rc, gpu_gb: Optional[float], host_gb: Optional[float], local_gb: Optional[float],
+           long_lived: bool) -> None:
     """Memory tiers in front of the store: the sizes given, else the defaults for this kind of process."""
     from .kvtiers import default_sizes
     model = rc.model
     if gpu_gb and model.device.type != "cuda":
         typer.echo("warning: the model runs on the CPU, so --gpu-cache-gb is ignored", err=True)
     gpu_default, host_default = default_sizes(model.device, long_lived, model.kv_bytes_per_token, model.max_context)
-    rc.use_tiers(gpu_default if gpu_gb is None else gpu_gb, host_default if host_gb is None else host_gb)
+    rc.use_tiers(gpu_default if gpu_gb is None else gpu_gb, host_default if host_gb is None else host_gb,
+                 config.DEFAULT_LOCAL_CACHE_GB if local_gb is None else local_gb)
 
 
 def _open(index: Optional[str], model: Optional[str], device: str, dtype: str, create: bool,
@@ -127,6 +133,9 @@ def index(
     layout: Optional[str] = typer.Option(None, "--layout", help="grit (the paper's prompts) or chat (the model's "
                                          "chat template, chunks cached after a fixed preamble); default: grit "
                                          "for GRIT models, chat for others that have a chat template"),
+    kv_store: Optional[str] = typer.Option(None, "--kv-store", help="s3://bucket/prefix: keep the KV caches in an "
+                                           "S3-compatible object store (AWS_ENDPOINT_URL, credentials and region "
+                                           "as for the AWS CLI); a new index's, fixed thereafter"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why"),
@@ -150,11 +159,15 @@ def index(
     if not found.files and not existed:
         raise RagcacheError(f"nothing to index: no .txt, .md, .jsonl or .json file in {', '.join(map(str, corpus))}"
                             + (f" ({len(found.skipped)} other files skipped)" if found.skipped else ""))
+    if kv_store is not None and not existed:  # a store fault is said before a model loads or a folder appears
+        from .objstore import ObjectStore
+        with ObjectStore.open(kv_store) as objects:
+            objects.check()
     rc = _open(index, model, device, dtype, create=True, embedder=embedder)
     with rc:
         stats = rc.index_corpus(found, roots(corpus), chunk_tokens=chunk_tokens, kv_attention=kv_attention,
                                 prune=prune, show_progress=not as_json and sys.stderr.isatty(),
-                                batch_size=batch_size, max_file_mb=max_file_mb, layout=layout)
+                                batch_size=batch_size, max_file_mb=max_file_mb, layout=layout, kv_store=kv_store)
         empty = rc.stored.count() == 0
     if empty:  # nothing could be indexed and nothing was there: say why, and leave no empty index behind
         if not existed:
@@ -202,17 +215,18 @@ def ask(
     explain: bool = typer.Option(False, "--explain", help="Print the layout: every segment, cached or computed"),
     gpu_cache_gb: Optional[float] = GpuCacheOpt,
     host_cache_gb: Optional[float] = HostCacheOpt,
+    local_cache_gb: Optional[float] = LocalCacheOpt,
     recompute: float = RecomputeOpt,
 ) -> None:
     """Answer QUESTION from the index, citing the sources."""
     from .prompts import Templates
     vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)  # before a model loads
     vocab.fraction(recompute, "recompute")
-    _check_tier_sizes(gpu_cache_gb, host_cache_gb)
+    _check_tier_sizes(gpu_cache_gb, host_cache_gb, local_cache_gb)
     tmpl = Templates.load(templates)
     rc = _open(index, model, device, dtype, create=False)
     with rc:
-        _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=False)
+        _tiers(rc, gpu_cache_gb, host_cache_gb, local_cache_gb, long_lived=False)
         stream = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         answer = rc.ask(question, mode=mode, top_k=top_k, order=order, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, templates=tmpl, on_token=stream,
@@ -253,16 +267,17 @@ def serve(
     dtype: str = DtypeOpt,
     gpu_cache_gb: Optional[float] = GpuCacheOpt,
     host_cache_gb: Optional[float] = HostCacheOpt,
+    local_cache_gb: Optional[float] = LocalCacheOpt,
 ) -> None:
     """Serve the index over an OpenAI-compatible HTTP API, one request on the model at a time."""
     from .server import Limits, create_app
     given = {"max_tokens": max_tokens_limit, "max_input_count": max_input_count, "max_body_bytes": max_body_bytes,
              "max_top_k": max_top_k}
     limits = Limits(**{k: v for k, v in given.items() if v is not None})  # before the model loads
-    _check_tier_sizes(gpu_cache_gb, host_cache_gb)
+    _check_tier_sizes(gpu_cache_gb, host_cache_gb, local_cache_gb)
     rc = _open(index, model, device, dtype, create=False)
     with rc:
-        _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=True)
+        _tiers(rc, gpu_cache_gb, host_cache_gb, local_cache_gb, long_lived=True)
         import uvicorn
         typer.echo(f"serving {rc.store.path} with {rc.model.name} on http://{host}:{port}/v1", err=True)
         uvicorn.run(create_app(rc, api_key=api_key or None, limits=limits), host=host, port=port)
@@ -314,6 +329,8 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
             out["index_info"] = {"chunks": idx.count(), "files": len(idx.files()),
                                  "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())} | \
                                 (meta.to_json() if meta else {})
+            if idx.objects is not None:
+                out["index_info"]["kv_store_usage"] = _store_usage(idx.objects)
     if meta is not None:  # the index's own model is the one that answers from it
         out["model"] = meta.model.name
     if as_json:
@@ -326,6 +343,10 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
                    f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
                    f"chunks of at most {meta.chunk_tokens} tokens; KV attention {meta.kv_attention}; "
                    f"{meta.layout} layout")
+        if meta.kv_store is not None:
+            u = out["index_info"]["kv_store_usage"]
+            typer.echo(f"  KV caches in {meta.kv_store}: " + (f"{u['objects']} objects, {u['bytes'] / 2**20:.1f} MiB "
+                       "under its prefix (shared by every index that uses it)" if "error" not in u else u["error"]))
         if meta.embedder is not None:
             e = meta.embedder
             typer.echo(f"  retrieval by embedder {e.name} (fingerprint {e.fingerprint}, {e.dim} dimensions, "
@@ -333,6 +354,59 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
     else:
         typer.echo(f"  no index there yet\nmodel: {out['model']}  [RAGCACHE_MODEL, -m] (for a new index)")
     typer.echo(f"home:  {out['home']}  [RAGCACHE_HOME]")
+
+
+def _store_usage(objects) -> dict:
+    """Objects and bytes under the store's prefix; an unreachable store is reported, not raised: info still informs."""
+    from .objstore import StoreUnavailable
+    try:
+        count, nbytes = objects.usage()
+    except StoreUnavailable as e:
+        return {"error": str(e)}
+    return {"objects": count, "bytes": nbytes}
+
+
+@app.command()
+@_errors
+def gc(
+    kv_store: str = typer.Argument(..., help="The object store, s3://bucket/prefix"),
+    indexes: list[str] = typer.Option(..., "-i", "--index", help="Every index that uses the store (repeat -i)"),
+    yes: bool = typer.Option(False, "--yes", help="Delete without asking"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """List the objects in KV_STORE that none of the given indexes references, and delete them once confirmed.
+
+    Objects are shared by every index over the same model and codec: name them all, or their caches go.
+    """
+    from . import kvremote
+    from .index import Index
+    from .objstore import ObjectStore
+    from .store import check
+    referenced: set[str] = set()
+    with contextlib.ExitStack() as held, ObjectStore.open(kv_store) as objects:
+        for name in indexes:  # each held under its writer lock: no object is uploaded and referenced meanwhile
+            path = config.resolve_index(name)
+            check(path, must_exist=True)
+            idx = held.enter_context(contextlib.closing(Index.open(path, create=False)))
+            held.enter_context(idx.writing())
+            if idx.meta is None or idx.meta.kv_store != kv_store:
+                raise RagcacheError(f"index '{path}' does not keep its caches in {kv_store}", param="index")
+            with idx.store.snapshot() as txn:
+                referenced |= {key for _, v in txn.cursor(db=idx.store.db["kv"])
+                               if (key := kvremote.referenced_key(v)) is not None}
+        orphans = [key for key in objects.list_keys() if key not in referenced]
+        if as_json:
+            typer.echo(json.dumps({"referenced": len(referenced), "orphans": orphans, "deleted": yes}))
+        else:
+            typer.echo(f"{len(referenced)} objects referenced by {len(indexes)} indexes; {len(orphans)} referenced by none")
+            for key in orphans[:20]:
+                typer.echo(f"  {key}")
+            if len(orphans) > 20:
+                typer.echo(f"  … and {len(orphans) - 20} more")
+        if orphans and (yes or (not as_json and typer.confirm(f"delete {len(orphans)} objects?"))):
+            objects.delete_many(orphans)
+            if not as_json:
+                typer.echo(f"deleted {len(orphans)} objects")
 
 
 eval_app = typer.Typer(no_args_is_help=True, help="Measure retrieval and answer quality on an index.")
@@ -388,6 +462,7 @@ def eval_qa(
     recompute: float = RecomputeOpt,
     gpu_cache_gb: Optional[float] = GpuCacheOpt,
     host_cache_gb: Optional[float] = HostCacheOpt,
+    local_cache_gb: Optional[float] = LocalCacheOpt,
 ) -> None:
     """EM, Match and F1 of the answers in each mode, with latency, one row per mode."""
     from . import evaluate
@@ -397,14 +472,14 @@ def eval_qa(
     chosen = vocab.modes(modes)
     vocab.order(order)
     vocab.fraction(recompute, "recompute")
-    _check_tier_sizes(gpu_cache_gb, host_cache_gb)
+    _check_tier_sizes(gpu_cache_gb, host_cache_gb, local_cache_gb)
     if limit is not None and limit < 1:
         raise RagcacheError(f"--limit must be at least 1 (got {limit})")
     items = evaluate.load_questions(questions)[:limit]
     tmpl = Templates.load(templates)
     check(config.resolve_index(index), must_exist=True)  # before the output file is made
     with evaluate.open_out(out) as f, _open(index, model, device, dtype, create=False) as rc:
-        _tiers(rc, gpu_cache_gb, host_cache_gb, long_lived=True)
+        _tiers(rc, gpu_cache_gb, host_cache_gb, local_cache_gb, long_lived=True)
         with bar(not as_json and sys.stderr.isatty(), "answers", len(items) * len(chosen)) as advance:
             summary = evaluate.qa(rc, items, chosen, f, top_k=top_k, max_new_tokens=max_new_tokens, order=order,
                                   advance=advance, templates=tmpl, recompute=recompute,

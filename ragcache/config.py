@@ -29,5 +29,14 @@ def resolve_index(name: str | None) -> Path:
     return path
 
 
+def kv_cache_folder() -> Path:
+    """The local disk cache of chunk caches read from object stores: <home>/kv-cache (shared by indexes:
+    objects are content-addressed)."""
+    return home() / "kv-cache"
+
+
+DEFAULT_LOCAL_CACHE_GB = 10.0  # the local disk cache in front of an object store, when none is named
+
+
 def default_model() -> str:
     return os.environ.get("RAGCACHE_MODEL", DEFAULT_MODEL)

@@ -6,6 +6,7 @@ Each step is a call into the module that owns it: retrieval (retriever, index), 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,15 +15,30 @@ from typing import Callable
 
 import torch
 
-from . import blend, chunking, corpus, fidelity, generation, indexer, kvload, kvtiers, prompts, vocab
-from .fidelity import Drift
+from . import (
+    blend,
+    chunking,
+    config,
+    corpus,
+    fidelity,
+    generation,
+    indexer,
+    kvload,
+    kvtiers,
+    prompts,
+    vocab,
+)
+from .diskcache import DiskCache
 from .embedder import Embedder
 from .errors import RagcacheError
+from .fidelity import Drift
 from .generation import OnToken, Sampling
 from .index import Index
+from .kvremote import ObjectKV
 from .kvsource import KVSource, StoreKV
 from .meta import IndexMeta
 from .model import Encoded, GritModel
+from .objstore import ObjectStore
 from .prompts import Doc, Frame, Segment, Templates
 from .records import Hit, Source
 from .retriever import EmbedderRetriever, GritRetriever, Retriever
@@ -61,10 +77,20 @@ class RagCache:
         # decode at a fixed shape, so a GPU captures the step in a CUDA graph once and replays it
         self.static_decode = model.device.type == "cuda"
 
-    def use_tiers(self, gpu_gb: float, host_gb: float) -> None:
-        """Keep chunk caches warm in GPU and host memory (LRUs of these sizes) in front of the store."""
-        self.kv_source = kvtiers.build(StoreKV(self.stored.store, on_read=self.cost.measured_read),
-                                       self.model.device, gpu_gb, host_gb)
+    def use_tiers(self, gpu_gb: float, host_gb: float, local_gb: float = config.DEFAULT_LOCAL_CACHE_GB) -> None:
+        """Keep chunk caches warm in GPU and host memory (LRUs of these sizes) in front of the store.
+
+        An index whose blobs live in an object store reads them through a local disk cache of
+        `local_gb` (0: none) first.
+        """
+        self._tier_sizes = (gpu_gb, host_gb, local_gb)
+        objects = self.stored.objects
+        if objects is None:
+            backing: KVSource = StoreKV(self.stored.store, on_read=self.cost.measured_read)
+        else:
+            disk = DiskCache(config.kv_cache_folder(), int(local_gb * kvtiers.GiB)) if local_gb > 0 else None
+            backing = ObjectKV(self.stored.store, objects, disk, on_read=self.cost.measured_read)
+        self.kv_source = kvtiers.build(backing, self.model.device, gpu_gb, host_gb)
 
     def tier_stats(self) -> dict:
         """Each memory tier's size, contents, hits, misses and evictions since the process began."""
@@ -133,11 +159,13 @@ class RagCache:
                      kv_attention: vocab.Attention | None = None, prune: bool = True, show_progress: bool = False,
                      batch_size: int = 8, warn: Callable[[str], None] = log.warning,
                      max_file_mb: float = corpus.MAX_FILE_MB, pipelined: bool | None = None,
-                     layout: vocab.Style | None = None) -> indexer.IndexStats:
+                     layout: vocab.Style | None = None, kv_store: str | None = None) -> indexer.IndexStats:
         """Index the files `corpus.discover` found under `roots` (scanned once, by the caller).
 
         `pipelined` commits on a writer thread while the next batch computes (default: on a GPU).
         `layout` (a new index's; default_layout when None) is "grit" or "chat" (prompts.Frame).
+        `kv_store` (a new index's) is an s3:// URL to keep the KV blobs in (kvremote.py), checked
+        before anything is written.
         """
         if kv_attention is not None:
             vocab.attention(kv_attention)
@@ -152,14 +180,23 @@ class RagCache:
             # a chat model was never trained to attend both ways: its chunks are cached causally
             attention = kv_attention or ("causal" if style == "chat" else self.retriever.default_kv_attention)
             meta = IndexMeta(self.model.identity(), self.retriever.dim, chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS,
-                             attention, embedder=self.retriever.identity(), layout=style, preamble=preamble)
-        for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention), ("layout", layout)):
+                             attention, embedder=self.retriever.identity(), layout=style, preamble=preamble,
+                             kv_store=kv_store)
+        for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention), ("layout", layout),
+                            ("kv_store", kv_store)):
             if value is not None and value != getattr(meta, name):
                 raise RagcacheError(f"this index was built with {name.replace('_', '-')}={getattr(meta, name)}; "
                                     f"use a new index for {value}", param=name)
+        if meta.kv_store is not None:  # unreachable, refused or no bucket: said before anything is written
+            if self.meta is None:
+                with contextlib.closing(ObjectStore.open(meta.kv_store)) as objects:
+                    objects.check()
+            else:
+                self.stored.objects.check()
         with self.stored.writing():
             if self.meta is None:
                 self.stored.create(meta)
+                self.use_tiers(*self._tier_sizes)  # the new index's KV source: its object store, if it has one
                 if meta.embedder is None and not self.model.grit_trained:
                     warn(f"model '{self.model.name}' was not trained to embed (it is no GRIT model), so its own "
                          "embeddings retrieve poorly; build the index with a separate embedder (--embedder PATH, "
@@ -175,7 +212,7 @@ class RagCache:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned.
 
         Options as for index_corpus: chunk_tokens, kv_attention, prune, show_progress, batch_size, warn,
-        max_file_mb, pipelined, layout.
+        max_file_mb, pipelined, layout, kv_store.
         """
         return self.index_corpus(corpus.discover(paths), corpus.roots(paths), **options)
 
@@ -228,7 +265,7 @@ class RagCache:
 
     def _tier_counts(self, served_by: dict[int, str]) -> dict[str, dict[str, int]]:
         """This question's hits and misses at each tier, in the order they are asked, the store last."""
-        names = [t.name for t in getattr(self.kv_source, "tiers", [])] + ["store"]
+        names = self.kv_source.levels
         counts, left = {}, list(served_by.values())
         for name in names:
             hits = sum(v == name for v in left)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import RagcacheError
 from .meta import IndexMeta
+from .objstore import ObjectStore
 from .records import Chunk, FileRecord, Hit
 from .store import Store
 from .vectors import Vectors
@@ -29,6 +30,7 @@ class Index:
         self._meta: IndexMeta | None = None
         self._vectors: Vectors | None = None
         self._vectors_stamp = -1
+        self._objects: ObjectStore | None = None
         self.meta  # parse (and check the formats of) what is there now
 
     @classmethod
@@ -62,7 +64,17 @@ class Index:
         self.meta.kv_codec = codec
         self.store.set_meta(self.meta.to_json())
 
+    @property
+    def objects(self) -> ObjectStore | None:
+        """The object store that holds the KV blobs, when the index names one (kvremote.py); opened on first use."""
+        url = self.meta.kv_store if self.meta is not None else None
+        if url is not None and self._objects is None:
+            self._objects = ObjectStore.open(url)
+        return self._objects if url is not None else None
+
     def close(self) -> None:
+        if self._objects is not None:
+            self._objects.close()
         self.store.close()
 
     # ---- reading -------------------------------------------------------------------------------

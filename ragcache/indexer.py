@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,7 +23,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from . import chunking, corpus, prompts
+from . import chunking, corpus, kvremote, prompts
 from . import kv as kvlib
 from .errors import RagcacheError
 from .index import Index
@@ -214,6 +214,8 @@ class _Writer:
                 rows.append((chunk, enc.embedding, blob if blob is not None else kvlib.serialize(enc.kv, codec)))
             parts.append(FilePart(p.source, p.file_hash, rows, fresh=start == 0, complete=end == len(p.chunks)))
             embeddings.append(np.stack([e.embedding for e in mine]))
+        if self.index.objects is not None:  # the objects first, verified: then the commit that references them
+            parts = [_uploaded(self.index, part) for part in parts]
         for (removed, added), vecs in zip(self.index.store.put_batch(parts), embeddings):
             self.vectors.remove(removed)
             self.vectors.add(added, vecs)
@@ -223,6 +225,14 @@ class _Writer:
         self.stats.chunks += chunks
         self.stats.tokens += tokens
         self.advance(chunks, tokens)
+
+
+def _uploaded(index: Index, part: FilePart) -> FilePart:
+    """`part` with its KV blobs put in the index's object store, and references to them in their place."""
+    keys = [kvremote.object_key(index.meta, chunk.token_ids) for chunk, _, _ in part.rows]
+    index.objects.put_many({key: blob for key, (_, _, blob) in zip(keys, part.rows)})
+    rows = [(chunk, emb, kvremote.reference(key)) for key, (chunk, emb, _) in zip(keys, part.rows)]
+    return replace(part, rows=rows)
 
 
 def _chunk_file(source: str, file_hash: str, docs: list[corpus.Document], model: GritModel, chunk_tokens: int) -> _Pending:

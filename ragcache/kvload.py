@@ -58,14 +58,17 @@ def load_prefix(layout: list[Segment], source: KVSource, index: Index, model: Gr
               and cost.recompute_is_faster(tokens * model.kv_bytes_per_token, tokens)}
     with source.fetch([cid for cid in docs if cid not in faster], model.device) as got:
         served = dict(got.served_by)
+        if got.unavailable:
+            log.warning(f"{got.unavailable}; recomputing {len(got.missing)} chunk caches from their text")
         for cid in docs:
             if cid in faster:
                 got.tensors[cid] = _recompute(index, model, kv_attention, frame, cid, cost)
                 served[cid] = "recomputed"  # faster than reading it: the same cache either way
             elif cid not in got.tensors:
                 why = f"damaged ({got.damaged[cid]})" if cid in got.damaged else "missing"
-                log.warning(f"the stored cache of chunk {cid} is {why}; recomputed it from its text "
-                            "(ragcache verify --repair mends the index)")
+                if not got.unavailable:
+                    log.warning(f"the stored cache of chunk {cid} is {why}; recomputed it from its text "
+                                "(ragcache verify --repair mends the index)")
                 got.tensors[cid] = _recompute(index, model, kv_attention, frame, cid, cost)
                 served[cid] = "recomputed"
         parts = [got.tensors[seg.chunk_id] if seg.kind == "doc" else computed[seg.kind] for seg in prefix]

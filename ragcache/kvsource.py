@@ -28,10 +28,12 @@ class KVBatch:
     missing: list[int] = field(default_factory=list)  # not held here
     damaged: dict[int, str] = field(default_factory=dict)  # held, but failed its header or checksum: why
     served_by: dict[int, str] = field(default_factory=dict)  # id -> the name of the source that served it
+    unavailable: str = ""  # why the source could not be asked at all (an unreachable store): said once for all
 
 
 class KVSource(Protocol):
     name: str
+    levels: list[str]  # the names it serves under (KVBatch.served_by), in the order it asks them
 
     def fetch(self, ids: list[int], device: torch.device) -> contextlib.AbstractContextManager[KVBatch]:
         """The KV of `ids` on `device` (or readable from there), valid until the block ends."""
@@ -50,6 +52,7 @@ class StoreKV:
     """
 
     name = "store"
+    levels = ["store"]
 
     def __init__(self, store: Store, on_read: Callable[[int, float], None] | None = None):
         self.store, self.on_read = store, on_read

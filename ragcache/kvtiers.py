@@ -79,6 +79,7 @@ class TieredKV:
 
     def __init__(self, tiers: list[MemoryTier], backing: KVSource):
         self.tiers, self.backing = [t for t in tiers if t.capacity > 0], backing
+        self.levels = [t.name for t in self.tiers] + backing.levels
 
     def resident(self, ids: list[int]) -> set[int]:
         return {cid for cid in ids if any(cid in tier for tier in self.tiers)}

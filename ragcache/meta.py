@@ -50,6 +50,7 @@ class IndexMeta:
     kv_codec: str = "auto"  # how KV blobs are stored: "raw" or "zstd", chosen by probing the first batch
     layout: Style = "grit"  # how cached segments are laid out and computed (prompts.Frame)
     preamble: str = ""  # the chat style's context preamble, which every chunk's cache was computed after
+    kv_store: str | None = None  # an s3:// URL holding the KV blobs (kvremote.py); None: in the index's LMDB
     format_version: int = STORE_FORMAT
     kv_format_version: int = KV_FORMAT
     vectors_format_version: int = VECTORS_FORMAT
@@ -72,7 +73,7 @@ class IndexMeta:
                        kv_attention=data["kv_attention"],
                        embedder=EmbedderIdentity(**embedder) if embedder else None,
                        kv_codec=data.get("kv_codec", "auto"), layout=data.get("layout", "grit"),
-                       preamble=data.get("preamble", ""),
+                       preamble=data.get("preamble", ""), kv_store=data.get("kv_store"),
                        format_version=data["format_version"], kv_format_version=data["kv_format_version"],
                        vectors_format_version=data.get("vectors_format_version", VECTORS_FORMAT),
                        prompt_format=data["prompt_format"], created=data.get("created", ""))

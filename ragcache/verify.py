@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import kv as kvlib
-from . import prompts
+from . import kvremote, prompts
 from .engine import RagCache
 from .errors import RagcacheError
 from .model import dtype_name
@@ -125,18 +125,34 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
             vectors[cid] = np.frombuffer(v, dtype=np.float32).copy()
             if not np.isfinite(vectors[cid]).all() or abs(float(np.linalg.norm(vectors[cid])) - 1) > 1e-3:
                 problem(cid, "embedding", "is not a finite unit vector")
-        blobs = set()
-        for k, v in txn.cursor(db=store.db["kv"]):
-            cid = unkey(k)
-            blobs.add(cid)
+        blobs, refs = set(), {}
+
+        def check_blob(cid: int, blob) -> None:
             try:
-                kv = kvlib.deserialize(v)  # header, decompression, checksum
+                kv = kvlib.deserialize(blob)  # header, decompression, checksum
                 expected = (built.layers, 2, built.kv_heads, tokens.get(cid, kv.shape[3]))
                 if tuple(kv.shape[:4]) != expected or dtype_name(kv.dtype) != built.dtype:
                     raise kvlib.CorruptKV(f"KV blob holds {dtype_name(kv.dtype)} {tuple(kv.shape)}, not "
                                           f"{built.dtype} {expected + (kv.shape[4],)}")
             except RagcacheError as e:
                 problem(cid, "kv", str(e))
+
+        for k, v in txn.cursor(db=store.db["kv"]):
+            cid = unkey(k)
+            blobs.add(cid)
+            key = kvremote.referenced_key(v)
+            if key is not None and rc.stored.objects is not None:
+                refs[cid] = key  # read from the object store below, in parallel batches
+            else:
+                check_blob(cid, v)
+        ids = sorted(refs)
+        for b in range(0, len(ids), ENCODE_BATCH):  # an unreachable store fails the whole check, in one line
+            got = rc.stored.objects.get_many([refs[cid] for cid in ids[b : b + ENCODE_BATCH]])
+            for cid in ids[b : b + ENCODE_BATCH]:
+                if got[refs[cid]] is None:
+                    problem(cid, "kv", f"object '{refs[cid]}' is missing from {meta.kv_store}")
+                else:
+                    check_blob(cid, got[refs[cid]])
         for cid in sorted(records - vectors.keys()):
             if not any(p.part == "embedding" for p in found.problems.get(cid, [])):  # not there at all
                 problem(cid, "embedding", "is missing")
@@ -223,8 +239,12 @@ def _repair(rc: RagCache, found: _Found) -> None:
             if enc.token_ids != chunk.token_ids:  # the text no longer yields its cache: read the file anew
                 found.drop_files.setdefault(source, set()).add(cid)
                 continue
-            store.put_parts(cid, enc.embedding if "embedding" in parts else None,
-                            kvlib.serialize(enc.kv) if "kv" in parts else None)
+            blob = kvlib.serialize(enc.kv, kvlib.CODECS.get(meta.kv_codec)) if "kv" in parts else None
+            if blob is not None and rc.stored.objects is not None:  # the object first, then the reference to it
+                key = kvremote.object_key(meta, chunk.token_ids)
+                rc.stored.objects.put_many({key: blob})
+                blob = kvremote.reference(key)
+            store.put_parts(cid, enc.embedding if "embedding" in parts else None, blob)
             mark(cid, "recomputed from the chunk's text", True)
     for source, cids in sorted(found.drop_files.items()):
         store.remove_file(source)

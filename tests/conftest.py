@@ -233,3 +233,39 @@ def rc(request, tmp_path_factory, model, corpus_dir):
     rc.index([corpus_dir], kv_attention=request.param, chunk_tokens=24)
     yield rc
     rc.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback, spoken to over HTTP as to any endpoint (skipped without moto/boto3)."""
+    pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch, s3_endpoint) -> str:
+    """Fake credentials and the loopback endpoint, read by boto3 itself as a user's would be."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # the developer's ~/.aws plays no part
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    return s3_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    import uuid
+
+    import boto3
+    name = f"kv-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

@@ -14,33 +14,20 @@ from ragcache.errors import RagcacheError
 from ragcache.objstore import ObjectStore, StoreUnavailable
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+@pytest.fixture
+def endpoint(s3_env):
+    """Every test here runs against the loopback server, with the AWS settings of conftest's s3_env."""
+    return s3_env
 
 
 @pytest.fixture(autouse=True)
-def aws_env(monkeypatch, endpoint):
-    """Fake credentials and the loopback endpoint, read by boto3 itself as a user's would be."""
-    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # the developer's ~/.aws plays no part
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+def aws_env(s3_env):
+    return s3_env
 
 
 @pytest.fixture
-def bucket():
-    name = f"kv-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
+def bucket(s3_bucket):
+    return s3_bucket
 
 
 @pytest.fixture
