@@ -55,7 +55,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 # (a mode or an order names itself), the CLI adds the flag.
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "embedder": "--embedder",
          "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention", "layout": "--layout",
-         "kv_store": "--kv-store"}
+         "kv_store": "--kv-store", "ray": "--ray"}
 
 
 def _errors(fn):
@@ -136,6 +136,10 @@ def index(
     kv_store: Optional[str] = typer.Option(None, "--kv-store", help="s3://bucket/prefix: keep the KV caches in an "
                                            "S3-compatible object store (AWS_ENDPOINT_URL, credentials and region "
                                            "as for the AWS CLI); a new index's, fixed thereafter"),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Chunk and encode on a Ray cluster: local (start one "
+                                      "here), auto (the running one) or ray://host:port; this process commits"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray actors, each loading the model once "
+                                          "(default: one per GPU in the cluster, else one)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every skipped file and why"),
@@ -150,6 +154,8 @@ def index(
         raise RagcacheError("--chunk-tokens must be at least 8")
     if max_file_mb <= 0:
         raise RagcacheError("--max-file-mb must be more than 0")
+    if workers is not None and workers < 1:
+        raise RagcacheError("--workers must be at least 1")
     from .corpus import discover, roots
     from .store import check, check_no_writer
     found = discover(corpus)  # the one scan of the corpus, before a model loads or an index is created
@@ -167,7 +173,8 @@ def index(
     with rc:
         stats = rc.index_corpus(found, roots(corpus), chunk_tokens=chunk_tokens, kv_attention=kv_attention,
                                 prune=prune, show_progress=not as_json and sys.stderr.isatty(),
-                                batch_size=batch_size, max_file_mb=max_file_mb, layout=layout, kv_store=kv_store)
+                                batch_size=batch_size, max_file_mb=max_file_mb, layout=layout, kv_store=kv_store,
+                                ray=ray, workers=workers)
         empty = rc.stored.count() == 0
     if empty:  # nothing could be indexed and nothing was there: say why, and leave no empty index behind
         if not existed:

@@ -159,13 +159,15 @@ class RagCache:
                      kv_attention: vocab.Attention | None = None, prune: bool = True, show_progress: bool = False,
                      batch_size: int = 8, warn: Callable[[str], None] = log.warning,
                      max_file_mb: float = corpus.MAX_FILE_MB, pipelined: bool | None = None,
-                     layout: vocab.Style | None = None, kv_store: str | None = None) -> indexer.IndexStats:
+                     layout: vocab.Style | None = None, kv_store: str | None = None, ray: str | None = None,
+                     workers: int | None = None) -> indexer.IndexStats:
         """Index the files `corpus.discover` found under `roots` (scanned once, by the caller).
 
         `pipelined` commits on a writer thread while the next batch computes (default: on a GPU).
         `layout` (a new index's; default_layout when None) is "grit" or "chat" (prompts.Frame).
         `kv_store` (a new index's) is an s3:// URL to keep the KV blobs in (kvremote.py), checked
-        before anything is written.
+        before anything is written. `ray` ("local", "auto" or "ray://host:port") chunks and encodes on
+        a Ray cluster with `workers` actors (default: one per GPU, else one), committing here.
         """
         if kv_attention is not None:
             vocab.attention(kv_attention)
@@ -204,7 +206,7 @@ class RagCache:
             vectors = self.stored.vectors()
             stats = indexer.run(self.stored, self.model, self.retriever, self.frame, vectors, found, roots, meta,
                                 prune=prune, show_progress=show_progress, batch_size=batch_size, warn=warn,
-                                max_file_mb=max_file_mb, pipelined=pipelined)
+                                max_file_mb=max_file_mb, pipelined=pipelined, ray_address=ray, ray_workers=workers)
             self.stored.save_vectors(vectors)
         return stats
 
@@ -212,7 +214,7 @@ class RagCache:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned.
 
         Options as for index_corpus: chunk_tokens, kv_attention, prune, show_progress, batch_size, warn,
-        max_file_mb, pipelined, layout, kv_store.
+        max_file_mb, pipelined, layout, kv_store, ray, workers.
         """
         return self.index_corpus(corpus.discover(paths), corpus.roots(paths), **options)
 

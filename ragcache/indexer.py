@@ -28,7 +28,7 @@ from . import kv as kvlib
 from .errors import RagcacheError
 from .index import Index
 from .meta import IndexMeta
-from .model import GritModel
+from .model import Encoded, GritModel
 from .records import Chunk
 from .retriever import Retriever
 from .store import FilePart
@@ -68,13 +68,15 @@ class _Pending:
 def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Frame, vectors: Vectors,
         found: corpus.Discovery, roots: list[Path], meta: IndexMeta, prune: bool = True, show_progress: bool = True, batch_size: int = 8,
         warn: Callable[[str], None] = lambda m: None, max_file_mb: float = corpus.MAX_FILE_MB,
-        pipelined: bool | None = None) -> IndexStats:
+        pipelined: bool | None = None, ray_address: str | None = None, ray_workers: int | None = None) -> IndexStats:
     """Index the files found under `roots`: the retriever makes the vectors, the model the KV caches
     (each chunk's cached segment in `frame`'s layout style).
 
     Chunks are encoded and committed BATCH_CHUNKS at a time, across files and within one, so memory
     stays bounded whatever a file's size, and a run cut short loses at most one batch. `pipelined`
     (default: when the model runs on a GPU) packs and commits on a writer thread meanwhile.
+    `ray_address` ("local", "auto" or "ray://...") chunks and encodes on a Ray cluster instead
+    (distributed.py), and commits here, file by file.
     """
     pipelined = model.device.type == "cuda" if pipelined is None else pipelined
     t0 = time.perf_counter()
@@ -84,6 +86,7 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
     known = store.files()
 
     pending: list[_Pending] = []
+    remote: list = []  # distributed.FileWork: the files a Ray cluster chunks and encodes
     for path in found.files:
         source = str(path)  # the resolved real path: one file, however it was named
         held = known.get(source)
@@ -100,16 +103,16 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
         for w in warnings:
             warn(w)
         stats.warnings += warnings
-        work = _chunk_file(source, file_hash, docs, model, meta.chunk_tokens)
-        if not work.chunks:
-            stats.skipped.append((source, "empty"))
-            if held is not None:  # it held text before: what was stored for it goes
-                vectors.remove(store.remove_file(source))
-                stats.files_removed += 1
+        done = len(held.chunks) if held is not None and held.hash == file_hash else 0  # resume after those
+        if ray_address is not None:
+            from .distributed import FileWork
+            remote.append(FileWork(source, file_hash, docs, done))
             continue
-        if held is not None and held.hash == file_hash:  # cut short before: resume after what was committed
-            work.done = len(held.chunks)
-        pending.append(work)
+        chunks, passages = chunk_file(source, docs, model.tokenizer, meta.chunk_tokens)
+        if not chunks:
+            _empty(index, vectors, stats, source, held is not None)
+            continue
+        pending.append(_Pending(source, file_hash, chunks, passages, done))
 
     if prune:
         real_roots = [r.resolve() for r in roots]
@@ -119,6 +122,12 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
                 vectors.remove(store.remove_file(source))
                 stats.files_removed += 1
 
+    if ray_address is not None:
+        _run_on_cluster(index, vectors, remote, meta, stats, show_progress, batch_size, model, ray_address,
+                        ray_workers, known)
+        stats.files_skipped = len(stats.skipped)
+        stats.seconds = time.perf_counter() - t0
+        return stats
     total = sum(len(p.chunks) - p.done for p in pending)
     codec = CODECS.get(meta.kv_codec)  # None until the first batch's probe chooses it
     with _progress(show_progress, total) as advance, _Writer(index, vectors, stats, advance, pipelined) as writer:
@@ -229,20 +238,50 @@ class _Writer:
 
 def _uploaded(index: Index, part: FilePart) -> FilePart:
     """`part` with its KV blobs put in the index's object store, and references to them in their place."""
-    keys = [kvremote.object_key(index.meta, chunk.token_ids) for chunk, _, _ in part.rows]
-    index.objects.put_many({key: blob for key, (_, _, blob) in zip(keys, part.rows)})
+    keys = [kvremote.referenced_key(blob) or kvremote.object_key(index.meta, chunk.token_ids)
+            for chunk, _, blob in part.rows]  # a Ray worker may have written the object already
+    index.objects.put_many({key: blob for key, (_, _, blob) in zip(keys, part.rows)
+                            if kvremote.referenced_key(blob) is None})
     rows = [(chunk, emb, kvremote.reference(key)) for key, (chunk, emb, _) in zip(keys, part.rows)]
     return replace(part, rows=rows)
 
 
-def _chunk_file(source: str, file_hash: str, docs: list[corpus.Document], model: GritModel, chunk_tokens: int) -> _Pending:
+def chunk_file(source: str, docs: list[corpus.Document], tokenizer, chunk_tokens: int) -> tuple[list[Chunk], list[str]]:
+    """A file's chunks (token ids filled in by the forward pass) and their passages as the model reads them."""
     records, passages = [], []
     for doc in docs:
-        for start, end in chunking.chunk_spans(doc.text, model.tokenizer, chunk_tokens):
+        for start, end in chunking.chunk_spans(doc.text, tokenizer, chunk_tokens):
             text = doc.text[start:end]
             records.append(Chunk(doc.doc_id, doc.title, text, source, start, end, []))
             passages.append(prompts.passage(doc.title, text))
-    return _Pending(source, file_hash, records, passages)
+    return records, passages
+
+
+def _empty(index: Index, vectors: Vectors, stats: IndexStats, source: str, held: bool) -> None:
+    stats.skipped.append((source, "empty"))
+    if held:  # it held text before: what was stored for it goes
+        vectors.remove(index.store.remove_file(source))
+        stats.files_removed += 1
+
+
+def _run_on_cluster(index: Index, vectors: Vectors, works: list, meta: IndexMeta, stats: IndexStats,
+                    show_progress: bool, batch_size: int, model: GritModel, address: str, workers: int | None,
+                    known: dict) -> None:
+    """Chunk and encode `works` on a Ray cluster; commit each file here as it comes back."""
+    from . import distributed
+    distributed.connect(address)
+    if meta.kv_codec == "auto":  # no probe batch here: the workers need the codec before they start
+        index.set_kv_codec("raw")
+    codec = CODECS[meta.kv_codec]
+    with _progress(show_progress, None) as advance, _Writer(index, vectors, stats, advance, False) as writer:
+        for fd in distributed.encode_files(works, meta, str(model.device), workers, batch_size):
+            if not fd.chunks:
+                _empty(index, vectors, stats, fd.source, fd.source in known)
+                continue
+            if fd.done < len(fd.chunks):
+                part = _Pending(fd.source, fd.file_hash, fd.chunks, [], fd.done)
+                encoded = [Encoded(c.token_ids, e, None) for c, e in zip(fd.chunks[fd.done:], fd.embeddings)]
+                writer.submit([(part, fd.done, len(fd.chunks))], encoded, codec, fd.blobs)
 
 
 def _batches(pending: list[_Pending]) -> Iterator[list[tuple[_Pending, int, int]]]:
@@ -265,8 +304,8 @@ def _batches(pending: list[_Pending]) -> Iterator[list[tuple[_Pending, int, int]
 class _progress:
     """A rich bar of chunks with a tokens-per-second column, or nothing."""
 
-    def __init__(self, show: bool, total: int):
-        self.show, self.total = show and total > 0, total
+    def __init__(self, show: bool, total: int | None):
+        self.show, self.total = show and (total is None or total > 0), total  # None: not known ahead
 
     def __enter__(self):
         if not self.show:
