@@ -77,8 +77,7 @@ def worker_slots(workers: int | None) -> tuple[int, float, int]:
     return actors, 0.0, max(1, int(resources.get("CPU", 1)) // actors)
 
 
-def encode_files(works: list[FileWork], meta: IndexMeta, device: str, workers: int | None,
-                 batch_size: int) -> Iterator[FileDone]:
+def encode_files(works: list[FileWork], meta: IndexMeta, workers: int | None, batch_size: int) -> Iterator[FileDone]:
     """Each file's chunks encoded on the cluster, yielded as files finish (in no fixed order)."""
     import ray
     from ray.exceptions import RayError
@@ -86,6 +85,7 @@ def encode_files(works: list[FileWork], meta: IndexMeta, device: str, workers: i
     actor_cls = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=1, max_task_retries=1)(_Encoder)
     meta_json = meta.to_json()
     run = uuid.uuid4().hex[:8]  # named, so that an operator (or a test) can find and stop one
+    device = "cuda" if gpus else "cpu"  # each worker's own GPU, whatever the driver runs on
     actors = [actor_cls.options(name=f"ragcache-encoder-{run}-{i}").remote(meta_json, device, batch_size, cpus)
               for i in range(max(1, min(actors_n, len(works))))]
     tasks = _tasks(works)

@@ -123,8 +123,8 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
                 stats.files_removed += 1
 
     if ray_address is not None:
-        _run_on_cluster(index, vectors, remote, meta, stats, show_progress, batch_size, model, ray_address,
-                        ray_workers, known)
+        _run_on_cluster(index, vectors, remote, meta, stats, show_progress, batch_size, ray_address, ray_workers,
+                        known)
         stats.files_skipped = len(stats.skipped)
         stats.seconds = time.perf_counter() - t0
         return stats
@@ -265,8 +265,7 @@ def _empty(index: Index, vectors: Vectors, stats: IndexStats, source: str, held:
 
 
 def _run_on_cluster(index: Index, vectors: Vectors, works: list, meta: IndexMeta, stats: IndexStats,
-                    show_progress: bool, batch_size: int, model: GritModel, address: str, workers: int | None,
-                    known: dict) -> None:
+                    show_progress: bool, batch_size: int, address: str, workers: int | None, known: dict) -> None:
     """Chunk and encode `works` on a Ray cluster; commit each file here as it comes back."""
     from . import distributed
     distributed.connect(address)
@@ -274,7 +273,7 @@ def _run_on_cluster(index: Index, vectors: Vectors, works: list, meta: IndexMeta
         index.set_kv_codec("raw")
     codec = CODECS[meta.kv_codec]
     with _progress(show_progress, None) as advance, _Writer(index, vectors, stats, advance, False) as writer:
-        for fd in distributed.encode_files(works, meta, str(model.device), workers, batch_size):
+        for fd in distributed.encode_files(works, meta, workers, batch_size):
             if not fd.chunks:
                 _empty(index, vectors, stats, fd.source, fd.source in known)
                 continue
