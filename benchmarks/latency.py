@@ -128,7 +128,7 @@ def sample_texts(model: GritModel, sample: str, n: int) -> tuple[str, list[str]]
 
 
 def run_sample(model: GritModel, embedder: Embedder | None, key: str, question: str, docs: list[str], rows,
-               runs: int, warmup: int, tokens: int, workdir: Path) -> dict:
+               runs: int, warmup: int, tokens: int, workdir: Path, kv_codec: str | None = None) -> dict:
     folder = workdir / key / "corpus"
     folder.mkdir(parents=True)
     for i, doc in enumerate(docs):
@@ -141,7 +141,7 @@ def run_sample(model: GritModel, embedder: Embedder | None, key: str, question: 
             continue
         index = workdir / key / ("index-two-model" if two_model else "index")
         with RagCache.open(index, model=model, embedder=embedder if two_model else None) as rc:
-            rc.index([folder], chunk_tokens=chunk_tokens)
+            rc.index([folder], chunk_tokens=chunk_tokens, kv_codec=kv_codec)
             assert rc.store.count() == len(docs)
             results |= measure(rc, question, mine, len(docs), runs, warmup, tokens)
             for label, _ in mine:
@@ -213,6 +213,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quick", action="store_true", help="sample A at N=2000, the target rows, 5 runs")
+    p.add_argument("--kv-codec", help="how the indexes store their caches (default: ragcache's default)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args()
     lengths = [2000] if args.quick else [int(x) for x in args.lengths.split(",")]
@@ -235,10 +236,11 @@ def main() -> None:
             for n in lengths:
                 question, docs = sample_texts(model, sample, n)
                 results[f"{sample}{n}"] = run_sample(model, embedder, f"{sample}{n}", question, docs, rows, runs,
-                                                     warmup, args.tokens, tmp)
+                                                     warmup, args.tokens, tmp, args.kv_codec)
         if not args.quick:
             question, docs = sample_texts(model, "R", 0)
-            results["R"] = run_sample(model, embedder, "R", question, docs, rows, runs, warmup, args.tokens, tmp)
+            results["R"] = run_sample(model, embedder, "R", question, docs, rows, runs, warmup, args.tokens, tmp,
+                                      args.kv_codec)
 
     checks = targets(results, 2000) if "A2000" in results and str(model.device) == "cpu" else []
     for name, value, bound, ok in checks:

@@ -55,7 +55,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 # (a mode or an order names itself), the CLI adds the flag.
 FLAGS = {"model": "--model", "dtype": "--dtype", "device": "--device", "embedder": "--embedder",
          "chunk_tokens": "--chunk-tokens", "kv_attention": "--kv-attention", "layout": "--layout",
-         "kv_store": "--kv-store", "ray": "--ray"}
+         "kv_store": "--kv-store", "ray": "--ray", "kv_codec": "--kv-codec", "vector_index": "--vector-index"}
 
 
 def _errors(fn):
@@ -133,9 +133,15 @@ def index(
     layout: Optional[str] = typer.Option(None, "--layout", help="grit (the paper's prompts) or chat (the model's "
                                          "chat template, chunks cached after a fixed preamble); default: grit "
                                          "for GRIT models, chat for others that have a chat template"),
+    vector_index: Optional[str] = typer.Option(None, "--vector-index", help="flat (exact search, every vector in "
+                                               "memory; default) or ivfpq (compressed codes, their shortlist "
+                                               "re-ranked exactly: for millions of chunks); a new index's"),
     kv_store: Optional[str] = typer.Option(None, "--kv-store", help="s3://bucket/prefix: keep the KV caches in an "
                                            "S3-compatible object store (AWS_ENDPOINT_URL, credentials and region "
                                            "as for the AWS CLI); a new index's, fixed thereafter"),
+    kv_codec: Optional[str] = typer.Option(None, "--kv-codec", help="How chunk caches are stored: raw (the model's "
+                                           "dtype, lossless; default), int8 (half), int4 (under a third) or fp8; "
+                                           "a new index's"),
     ray: Optional[str] = typer.Option(None, "--ray", help="Chunk and encode on a Ray cluster: local (start one "
                                       "here), auto (the running one) or ray://host:port; this process commits"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray actors, each loading the model once "
@@ -150,10 +156,14 @@ def index(
         vocab.attention(kv_attention)
     if layout is not None:
         vocab.style(layout)
+    if vector_index is not None:
+        vocab.vector_index(vector_index)
     if chunk_tokens is not None and chunk_tokens < 8:
         raise RagcacheError("--chunk-tokens must be at least 8")
     if max_file_mb <= 0:
         raise RagcacheError("--max-file-mb must be more than 0")
+    if kv_codec is not None:
+        vocab.kv_codec(kv_codec)
     if workers is not None and workers < 1:
         raise RagcacheError("--workers must be at least 1")
     from .corpus import discover, roots
@@ -174,7 +184,7 @@ def index(
         stats = rc.index_corpus(found, roots(corpus), chunk_tokens=chunk_tokens, kv_attention=kv_attention,
                                 prune=prune, show_progress=not as_json and sys.stderr.isatty(),
                                 batch_size=batch_size, max_file_mb=max_file_mb, layout=layout, kv_store=kv_store,
-                                ray=ray, workers=workers)
+                                ray=ray, workers=workers, vector_index=vector_index, kv_codec=kv_codec)
         empty = rc.stored.count() == 0
     if empty:  # nothing could be indexed and nothing was there: say why, and leave no empty index behind
         if not existed:
@@ -338,6 +348,11 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
                                 (meta.to_json() if meta else {})
             if idx.objects is not None:
                 out["index_info"]["kv_store_usage"] = _store_usage(idx.objects)
+            if meta is not None:
+                out["index_info"]["kv_bytes"] = _kv_bytes(idx.store)
+                from .vectors import account
+                out["index_info"]["vectors"] = account(path / "vectors.faiss", idx.store.version(),
+                                                       meta.vector_index, meta.dim, idx.count())
     if meta is not None:  # the index's own model is the one that answers from it
         out["model"] = meta.model.name
     if as_json:
@@ -350,6 +365,13 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
                    f"  {i['chunks']} chunks from {i['files']} files, {i['bytes'] / 2**20:.1f} MiB on disk; "
                    f"chunks of at most {meta.chunk_tokens} tokens; KV attention {meta.kv_attention}; "
                    f"{meta.layout} layout")
+        from .engine import codec_name
+        kb = i["kv_bytes"]
+        typer.echo(f"  KV codec {codec_name(meta.kv_codec)}" + (f" ({meta.kv_codec})" if meta.kv_codec == "zstd" else "")
+                   + (f": {kb['per_token']:,.0f} bytes per token stored, {kb['per_token'] / kb['raw_per_token']:.2f}x "
+                      f"of raw {m.dtype} ({kb['raw_per_token']:,} bytes)" if kb else ""))
+        from .vectors import account_line
+        typer.echo("  " + account_line(i["vectors"]))
         if meta.kv_store is not None:
             u = out["index_info"]["kv_store_usage"]
             typer.echo(f"  KV caches in {meta.kv_store}: " + (f"{u['objects']} objects, {u['bytes'] / 2**20:.1f} MiB "
@@ -361,6 +383,25 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
     else:
         typer.echo(f"  no index there yet\nmodel: {out['model']}  [RAGCACHE_MODEL, -m] (for a new index)")
     typer.echo(f"home:  {out['home']}  [RAGCACHE_HOME]")
+
+
+def _kv_bytes(store, sample: int = 64) -> dict:
+    """Bytes per token of the stored KV (headers and quantisation statistics included), from the first
+    blobs held in LMDB, beside the raw width; empty when the blobs live in an object store."""
+    from . import kv as kvlib
+    from . import kvremote
+    stored = tokens = raw = 0
+    with store.snapshot() as txn:
+        for n, (_, v) in enumerate(txn.cursor(db=store.db["kv"])):
+            if n == sample or kvremote.referenced_key(v) is not None:
+                break
+            try:
+                h = kvlib.header(v)
+            except RagcacheError:
+                continue  # verify reports it
+            layers, _, heads, t, head_dim = h.shape
+            stored, tokens, raw = stored + len(v), tokens + t, layers * 2 * heads * head_dim * h.dtype.itemsize
+    return {"per_token": stored / tokens, "raw_per_token": raw} if tokens else {}
 
 
 def _store_usage(objects) -> dict:

@@ -45,6 +45,9 @@ from .retriever import EmbedderRetriever, GritRetriever, Retriever
 
 log = logging.getLogger(__name__)
 
+# The codec of a new index's caches (README, "KV codecs", says why).
+DEFAULT_KV_CODEC: vocab.KVCodec = "raw"
+
 
 @dataclass
 class Answer:
@@ -160,7 +163,8 @@ class RagCache:
                      batch_size: int = 8, warn: Callable[[str], None] = log.warning,
                      max_file_mb: float = corpus.MAX_FILE_MB, pipelined: bool | None = None,
                      layout: vocab.Style | None = None, kv_store: str | None = None, ray: str | None = None,
-                     workers: int | None = None) -> indexer.IndexStats:
+                     workers: int | None = None, vector_index: vocab.VectorIndex | None = None,
+                     kv_codec: vocab.KVCodec | None = None) -> indexer.IndexStats:
         """Index the files `corpus.discover` found under `roots` (scanned once, by the caller).
 
         `pipelined` commits on a writer thread while the next batch computes (default: on a GPU).
@@ -168,11 +172,17 @@ class RagCache:
         `kv_store` (a new index's) is an s3:// URL to keep the KV blobs in (kvremote.py), checked
         before anything is written. `ray` ("local", "auto" or "ray://host:port") chunks and encodes on
         a Ray cluster with `workers` actors (default: one per GPU, else one), committing here.
+        `vector_index` (a new index's; default "flat") is "flat" or "ivfpq" (vectors.py).
+        `kv_codec` (a new index's; default DEFAULT_KV_CODEC) is "raw" or a quantised "fp8", "int8", "int4".
         """
         if kv_attention is not None:
             vocab.attention(kv_attention)
         if layout is not None:
             vocab.style(layout)
+        if vector_index is not None:
+            vocab.vector_index(vector_index)
+        if kv_codec is not None:
+            vocab.kv_codec(kv_codec)
         meta = self.meta
         if meta is None:
             style = layout or self.default_layout()
@@ -183,12 +193,16 @@ class RagCache:
             attention = kv_attention or ("causal" if style == "chat" else self.retriever.default_kv_attention)
             meta = IndexMeta(self.model.identity(), self.retriever.dim, chunk_tokens or chunking.DEFAULT_CHUNK_TOKENS,
                              attention, embedder=self.retriever.identity(), layout=style, preamble=preamble,
-                             kv_store=kv_store)
+                             kv_store=kv_store, vector_index=vector_index or "flat",
+                             kv_codec=_stored_codec(kv_codec or DEFAULT_KV_CODEC))
         for name, value in (("chunk_tokens", chunk_tokens), ("kv_attention", kv_attention), ("layout", layout),
-                            ("kv_store", kv_store)):
+                            ("kv_store", kv_store), ("vector_index", vector_index)):
             if value is not None and value != getattr(meta, name):
                 raise RagcacheError(f"this index was built with {name.replace('_', '-')}={getattr(meta, name)}; "
                                     f"use a new index for {value}", param=name)
+        if kv_codec is not None and _stored_codec(kv_codec) != _stored_codec(codec_name(meta.kv_codec)):
+            raise RagcacheError(f"this index stores its caches as {codec_name(meta.kv_codec)}; use a new index "
+                                f"for {kv_codec}", param="kv_codec")
         if meta.kv_store is not None:  # unreachable, refused or no bucket: said before anything is written
             if self.meta is None:
                 with contextlib.closing(ObjectStore.open(meta.kv_store)) as objects:
@@ -214,7 +228,7 @@ class RagCache:
         """Index files and folders; unchanged files are skipped, changed ones replaced, vanished ones pruned.
 
         Options as for index_corpus: chunk_tokens, kv_attention, prune, show_progress, batch_size, warn,
-        max_file_mb, pipelined, layout, kv_store, ray, workers.
+        max_file_mb, pipelined, layout, kv_store, ray, workers, vector_index, kv_codec.
         """
         return self.index_corpus(corpus.discover(paths), corpus.roots(paths), **options)
 
@@ -358,6 +372,16 @@ class RagCache:
             log.warning(f"dropped the {which} of {len(hits)}: with them the layout would exceed the model's "
                         f"context of {self.model.max_context} tokens")
         return layout, hits[: len(docs)]
+
+
+def codec_name(stored: str) -> str:
+    """The codec as users name it: a lossless index (probing, raw or zstd) is "raw"."""
+    return "raw" if stored in ("auto", "raw", "zstd") else stored
+
+
+def _stored_codec(name: str) -> str:
+    """What a new index records for a codec a user names: raw is probed against zstd on the first batch."""
+    return "auto" if name == "raw" else name
 
 
 def _retriever(meta: IndexMeta | None, model: GritModel, embedder: Embedder | None, where: str) -> Retriever:

@@ -19,7 +19,7 @@ from .meta import IndexMeta
 from .objstore import ObjectStore
 from .records import Chunk, FileRecord, Hit
 from .store import Store
-from .vectors import Vectors
+from .vectors import Vectors, create
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,9 @@ class Index:
         if self.meta is None:
             raise RagcacheError(f"the index '{self.path}' holds no documents; run ragcache index first")
         path = self.path / "vectors.faiss"
-        vectors = Vectors.load(path, stamp)
+        vectors = Vectors.load(path, stamp, self.store.embeddings_of)
+        if vectors is not None and vectors.kind != self.meta.vector_index:  # not this index's kind: rebuilt
+            vectors = None
         if vectors is None:
             existed = path.exists()
             vectors = self._from_lmdb()
@@ -149,7 +151,7 @@ class Index:
         self.save_vectors(self._from_lmdb())
 
     def _from_lmdb(self) -> Vectors:
-        ids, vecs = self.store.embeddings()
-        vectors = Vectors(self.meta.dim)
-        vectors.add(ids, vecs)
+        """A view of the index's kind, read from LMDB a batch at a time: an IVF-PQ one never holds all the floats."""
+        vectors = create(self.meta.vector_index, self.meta.dim, self.store.embeddings_of)
+        vectors.fill(self.store.embedding_ids(), self.store.embeddings_of)
         return vectors

@@ -143,7 +143,7 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
     return stats
 
 
-CODECS = {"raw": kvlib.RAW, "zstd": kvlib.ZSTD_PLANES}
+CODECS = kvlib.CODECS
 
 
 def _probe_codec(index: Index, kvs: list) -> tuple[int, list]:

@@ -119,11 +119,12 @@ class ObjectKV:
 
     def _use(self, batch: KVBatch, cid: int, blob: bytes, where: str, device: torch.device) -> bool:
         try:
-            tensor = kvlib.deserialize(blob)  # header and checksum first: a damaged blob is never used
+            # header and checksum first: a damaged blob is never used; dequantised on the device that uses it
+            tensor = kvlib.deserialize(blob, None if torch.device(device).type == "cpu" else device)
         except kvlib.CorruptKV as e:
             if where != "disk":
                 batch.damaged[cid] = str(e)
             return False
-        batch.tensors[cid] = tensor if torch.device(device).type == "cpu" else tensor.to(device)
+        batch.tensors[cid] = tensor
         batch.served_by[cid] = where
         return True

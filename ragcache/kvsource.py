@@ -70,13 +70,13 @@ class StoreKV:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    tensor = kvlib.deserialize(view)  # header, decompression, checksum: every byte is read
+                    # header, checksum, decompression or dequantisation (on `device`): every byte is read
+                    tensor = kvlib.deserialize(view, None if torch.device(device).type == "cpu" else device)
                 except kvlib.CorruptKV as e:
                     batch.damaged[cid] = str(e)
                     continue
                 if self.on_read is not None:  # in the KV's own bytes, as the cost model counts them
                     self.on_read(tensor.numel() * tensor.element_size(), time.perf_counter() - t0)
-                # on the CPU the view itself: the one copy is into the model's cache
-                batch.tensors[cid] = tensor if torch.device(device).type == "cpu" else tensor.to(device)
+                batch.tensors[cid] = tensor  # a raw blob on the CPU: the view itself, copied once, into the cache
                 batch.served_by[cid] = self.name
             yield batch

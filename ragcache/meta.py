@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 
 from .errors import RagcacheError
 from .prompts import PROMPT_FORMAT
-from .vocab import Attention, Style
+from .vocab import VECTOR_INDEXES, Attention, Style, VectorIndex
 
 STORE_FORMAT = 3  # the LMDB databases and their records (store.py); 3: files commit in batches ("complete")
-KV_FORMAT = 2  # the KV blob header (kv.py)
+KV_FORMAT = 3  # the KV blob header (kv.py); 3: quantised codecs, the checksum over the stored bytes
 VECTORS_FORMAT = 1  # the FAISS view and its stamp file (vectors.py)
 
 
@@ -47,10 +47,13 @@ class IndexMeta:
     chunk_tokens: int
     kv_attention: Attention
     embedder: EmbedderIdentity | None = None  # None: the model embeds for retrieval itself
-    kv_codec: str = "auto"  # how KV blobs are stored: "raw" or "zstd", chosen by probing the first batch
+    # how KV blobs are stored: "fp8", "int8" or "int4" (quantised), or losslessly: "auto" until the
+    # first batch's probe records "raw" or "zstd" (what `--kv-codec raw` asks for)
+    kv_codec: str = "auto"
     layout: Style = "grit"  # how cached segments are laid out and computed (prompts.Frame)
     preamble: str = ""  # the chat style's context preamble, which every chunk's cache was computed after
     kv_store: str | None = None  # an s3:// URL holding the KV blobs (kvremote.py); None: in the index's LMDB
+    vector_index: VectorIndex = "flat"  # the FAISS view's kind (vectors.py): exact, or IVF-PQ re-ranked exactly
     format_version: int = STORE_FORMAT
     kv_format_version: int = KV_FORMAT
     vectors_format_version: int = VECTORS_FORMAT
@@ -67,6 +70,9 @@ class IndexMeta:
     def from_json(cls, data: dict, where: str) -> "IndexMeta":
         """Parse a stored record; the format check comes first, so a future layout gets 'upgrade', not a crash."""
         check_format(data, where)
+        if data.get("vector_index", "flat") not in VECTOR_INDEXES:
+            raise RagcacheError(f"index '{where}' uses vector index '{data['vector_index']}', which this ragcache "
+                                "does not know; upgrade ragcache")
         try:
             embedder = data.get("embedder")
             return cls(model=ModelIdentity(**data["model"]), dim=data["dim"], chunk_tokens=data["chunk_tokens"],
@@ -74,6 +80,7 @@ class IndexMeta:
                        embedder=EmbedderIdentity(**embedder) if embedder else None,
                        kv_codec=data.get("kv_codec", "auto"), layout=data.get("layout", "grit"),
                        preamble=data.get("preamble", ""), kv_store=data.get("kv_store"),
+                       vector_index=data.get("vector_index", "flat"),
                        format_version=data["format_version"], kv_format_version=data["kv_format_version"],
                        vectors_format_version=data.get("vectors_format_version", VECTORS_FORMAT),
                        prompt_format=data["prompt_format"], created=data.get("created", ""))

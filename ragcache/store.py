@@ -155,13 +155,29 @@ class Store:
             return txn.stat(self.db["chunks"])["entries"]
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """All (ids, vectors) in id order: what FAISS is rebuilt from."""
+        """All (ids, vectors) in id order, every float in memory at once."""
         ids, vecs = [], []
         with self._begin(db=self.db["emb"]) as txn:
             for k, v in txn.cursor():
                 ids.append(unkey(k))
                 vecs.append(np.frombuffer(v, dtype=np.float32))
         return np.array(ids, dtype=np.int64), (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
+
+    def embedding_ids(self) -> np.ndarray:
+        """Every stored embedding's id, in id order, without reading the vectors."""
+        with self._begin(db=self.db["emb"]) as txn:
+            return np.array([unkey(k) for k in txn.cursor().iternext(keys=True, values=False)], dtype=np.int64)
+
+    def embeddings_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (ids, vectors) of those of `ids` still stored, in their order: what an IVF-PQ view re-ranks with."""
+        found, vecs = [], []
+        with self._begin(db=self.db["emb"]) as txn:
+            for cid in ids:
+                raw = txn.get(key(int(cid)))
+                if raw is not None:
+                    found.append(int(cid))
+                    vecs.append(np.frombuffer(raw, dtype=np.float32))
+        return np.array(found, dtype=np.int64), (np.stack(vecs) if vecs else np.zeros((0, 0), np.float32))
 
     def version(self) -> int:
         """The last committed transaction: FAISS files are stamped with it to detect staleness."""

@@ -4,7 +4,8 @@ Per chunk: its record parses; its embedding is present, of the index's dimension
 length; its KV blob has our header, decompresses, matches its xxh3 checksum and holds exactly the
 chunk's tokens for the index's model and dtype; exactly one file record owns it, and every chunk a
 file record lists exists. Each file is recorded once, by its resolved real path (an index written
-before ragcache resolved paths may hold a file twice). Then the saved FAISS view must hold the same ids and vectors as LMDB. The
+before ragcache resolved paths may hold a file twice). Then the saved FAISS view must be of the index's
+kind and hold the same ids and vectors as LMDB (an IVF-PQ view, which keeps codes: the same ids). The
 model's fingerprint is checked when the index is opened (RagCache.open refuses any other model).
 
 All checks read one LMDB snapshot, so a concurrent `index` cannot make them disagree with each other.
@@ -196,9 +197,9 @@ def _check(rc: RagCache) -> tuple[Report, _Found]:
     if saved is None and vectors:  # with no embeddings, there is nothing for a view to disagree with
         found.faiss = problem(None, "faiss", "missing or older than LMDB (it is rebuilt when the index is opened)")
     elif saved is not None:
-        ids, vecs = saved.contents()
-        same = sorted(ids.tolist()) == sorted(vectors) and all(
-            np.array_equal(v, vectors[int(i)]) for i, v in zip(ids, vecs))
+        ids, vecs = saved.contents()  # an IVF-PQ view holds codes, not vectors: its ids are compared
+        same = saved.kind == meta.vector_index and sorted(ids.tolist()) == sorted(vectors) and (vecs is None or all(
+            np.array_equal(v, vectors[int(i)]) for i, v in zip(ids, vecs)))
         if not same:
             found.faiss = problem(None, "faiss", "does not hold the same vectors as LMDB")
     return report, found

@@ -14,12 +14,16 @@ from .errors import RagcacheError
 Mode = Literal["none", "rag", "query", "doc", "query-doc", "doc-query"]
 Order = Literal["doc-first", "query-first"]
 Attention = Literal["bidirectional", "causal"]
+KVCodec = Literal["raw", "fp8", "int8", "int4"]  # how chunk caches are stored (kv.py, quant.py)
 Style = Literal["grit", "chat"]  # how cached segments are laid out: GRIT's paper formats, or a chat template
+VectorIndex = Literal["flat", "ivfpq"]  # the FAISS view (vectors.py): exact, or IVF-PQ re-ranked exactly
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 ORDERS: tuple[Order, ...] = get_args(Order)
 ATTENTIONS: tuple[Attention, ...] = get_args(Attention)
 STYLES: tuple[Style, ...] = get_args(Style)
+KV_CODECS: tuple[KVCodec, ...] = get_args(KVCodec)
+VECTOR_INDEXES: tuple[VectorIndex, ...] = get_args(VectorIndex)
 QUERY_CACHED: tuple[Mode, ...] = ("query", "query-doc", "doc-query")  # modes whose question segment is cached
 
 T = TypeVar("T", bound=str)
@@ -43,8 +47,16 @@ def attention(value: str) -> Attention:
     return _parse(value, ATTENTIONS, "kv attention", "kv_attention")
 
 
+def kv_codec(value: str) -> KVCodec:
+    return _parse(value, KV_CODECS, "KV codec", "kv_codec")
+
+
 def style(value: str) -> Style:
     return _parse(value, STYLES, "layout", "layout")
+
+
+def vector_index(value: str) -> VectorIndex:
+    return _parse(value, VECTOR_INDEXES, "vector index", "vector_index")
 
 
 def modes(value: str) -> list[Mode]:

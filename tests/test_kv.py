@@ -83,3 +83,23 @@ def test_causal_allowed_shape():
     m = causal_allowed(2, 3, torch.device("cpu"))
     assert m.shape == (1, 2, 5)
     assert m[0].tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_checksum_is_tested_before_decompressing():
+    blob = bytearray(kv.serialize(_compressible((2, 2, 2, 64, 8), torch.float32), kv.ZSTD_PLANES))
+    blob[40] ^= 0x01  # inside the zstd frame
+    with pytest.raises(kv.CorruptKV, match="checksum"):
+        kv.deserialize(bytes(blob))
+
+
+def test_blobs_of_another_format_are_refused():
+    blob = bytearray(kv.serialize(torch.randn(1, 2, 1, 3, 8)))
+    for version, message in ((kv.FORMAT_VERSION - 1, "rebuild the index"), (kv.FORMAT_VERSION + 1, "upgrade")):
+        blob[4:6] = version.to_bytes(2, "little")
+        with pytest.raises(kv.CorruptKV, match=message):
+            kv.deserialize(bytes(blob))
+
+
+def test_unknown_codec_is_refused():
+    with pytest.raises(ValueError):
+        kv.serialize(torch.randn(1, 2, 1, 3, 8), 9)
