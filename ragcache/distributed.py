@@ -81,6 +81,8 @@ def encode_files(works: list[FileWork], meta: IndexMeta, workers: int | None, ba
     """Each file's chunks encoded on the cluster, yielded as files finish (in no fixed order)."""
     import ray
     from ray.exceptions import RayError
+    if not works:  # nothing changed: no worker need load the model
+        return
     actors_n, gpus, cpus = worker_slots(workers)
     actor_cls = ray.remote(num_gpus=gpus, num_cpus=cpus, max_restarts=1, max_task_retries=1)(_Encoder)
     meta_json = meta.to_json()

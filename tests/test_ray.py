@@ -42,14 +42,19 @@ def _embeddings(rc) -> dict[tuple, np.ndarray]:
     return {(c.source, c.start, c.end): v for c, v in zip(map(rc.store.chunk, ids.tolist()), vecs)}
 
 
-def test_a_ray_index_equals_a_local_one(tmp_path, cluster, model, squad_corpus):
+def test_a_ray_index_equals_a_local_one(tmp_path, cluster, model, model_dir, squad_corpus):
+    """`ragcache index --ray local --workers 2`, as a user runs it, against a local run of the same corpus."""
     with RagCache.open(tmp_path / "local", model=model) as local:
         local.index([squad_corpus], chunk_tokens=96)
         want_spans, want_vecs = spans(local), _embeddings(local)
         want = [local.ask(q, mode="doc", top_k=2, max_new_tokens=6, ignore_eos=True) for q in QUESTIONS]
-    with RagCache.open(tmp_path / "ray", model=model) as rc:
-        stats = rc.index([squad_corpus], chunk_tokens=96, ray="local", workers=2)
-        assert stats.chunks == sum(map(len, want_spans.values())) and stats.files_indexed == len(want_spans)
+    runner, idx = CliRunner(), str(tmp_path / "ray")
+    result = runner.invoke(app, ["index", str(squad_corpus), "-i", idx, "-m", str(model_dir), "--chunk-tokens", "96",
+                                 "--ray", "local", "--workers", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["chunks"] == sum(map(len, want_spans.values())) and stats["files_indexed"] == len(want_spans)
+    with RagCache.open(idx, model=model) as rc:
         assert spans(rc) == want_spans  # the same chunks, file by file
         got_vecs = _embeddings(rc)
         assert got_vecs.keys() == want_vecs.keys()
@@ -60,6 +65,8 @@ def test_a_ray_index_equals_a_local_one(tmp_path, cluster, model, squad_corpus):
             assert a.token_ids == w.token_ids
         again = rc.index([squad_corpus], chunk_tokens=96, ray="local")
         assert again.files_unchanged == len(want_spans) and again.chunks == 0
+    bad = runner.invoke(app, ["index", str(squad_corpus), "-i", idx, "--workers", "0", "--ray", "local"])
+    assert bad.exit_code == 1 and "--workers must be at least 1" in bad.output
 
 
 def test_a_killed_worker_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path, cluster, model, many):
@@ -101,14 +108,3 @@ def test_a_killed_worker_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path,
         rc.index([corpus], chunk_tokens=24, ray="local", workers=1)
         assert spans(rc) == reference  # nothing missing, nothing twice
         assert rc.store.count() == sum(map(len, reference.values()))
-
-
-def test_cli_ray_flag_and_errors(tmp_path, cluster, model_dir, corpus_dir):
-    runner = CliRunner()
-    idx = str(tmp_path / "idx")
-    result = runner.invoke(app, ["index", str(corpus_dir), "-i", idx, "-m", str(model_dir), "--chunk-tokens", "24",
-                                 "--ray", "local", "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["chunks"] > 0
-    bad = runner.invoke(app, ["index", str(corpus_dir), "-i", idx, "--workers", "0", "--ray", "local"])
-    assert bad.exit_code == 1 and "--workers must be at least 1" in bad.output
