@@ -102,15 +102,12 @@ def main() -> None:
             ok = abs(r["match"] - rag["match"]) <= 1.0 and kept >= 0.8
             print(f"{'PASS' if ok else 'FAIL'}  {r['config']}: Match {r['match'] - rag['match']:+.1f} points of rag "
                   f"(target within 1), keeps {100 * kept:.0f}% of doc's TTFT win (target >= 80%)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (args.out / f"fidelity-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+    save(args.out, "fidelity", rows)
 
 
 def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, tmp: Path) -> None:
     """doc mode over one index per codec: scores, and the first-token drift of each codec from raw."""
     from ragcache import metrics
-    from ragcache.cli import _kv_bytes
     codecs = args.codecs.split(",")
     if codecs[0] != "raw":
         sys.exit("--codecs must start with raw: the others are compared with it")
@@ -120,7 +117,7 @@ def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, t
         with RagCache.open(tmp / f"idx-{codec}", model=model, embedder=embedder) as rc:
             t = time.perf_counter()
             rc.index([corpus], chunk_tokens=512, kv_codec=codec)
-            size = _kv_bytes(rc.store)
+            size = rc.stored.kv_bytes()
             rc.ask(questions[0]["question"], mode="doc", top_k=args.top_k, max_new_tokens=2)  # warm-up
             answers[codec] = [rc.ask(q["question"], mode="doc", top_k=args.top_k, max_new_tokens=args.max_new_tokens)
                               for q in questions]
@@ -145,9 +142,14 @@ def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, t
         ok = abs(r["match"] - raw["match"]) <= bound and (r["codec"] == "int4" or r["kl_first_vs_raw"] <= 0.01)
         print(f"{'PASS' if ok else 'FAIL'}  {r['codec']}: Match {r['match'] - raw['match']:+.1f} points of raw "
               f"(target within {bound})" + ("" if r["codec"] == "int4" else f", KL {r['kl_first_vs_raw']:.5f} (target <= 0.01)"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    save(args.out, "fidelity-codecs", rows)
+
+
+def save(out: Path, name: str, rows: list[dict]) -> None:
+    """The rows as JSON under `out`, stamped with the time and the command line."""
+    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (args.out / f"fidelity-codecs-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+    (out / f"{name}-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

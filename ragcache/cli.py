@@ -152,18 +152,12 @@ def index(
     as_json: bool = JsonOpt,
 ) -> None:
     """Chunk CORPUS and store each chunk's embedding and KV cache."""
-    if kv_attention is not None:
-        vocab.attention(kv_attention)
-    if layout is not None:
-        vocab.style(layout)
-    if vector_index is not None:
-        vocab.vector_index(vector_index)
+    # refused before a model loads
+    vocab.index_options(kv_attention=kv_attention, layout=layout, vector_index=vector_index, kv_codec=kv_codec)
     if chunk_tokens is not None and chunk_tokens < 8:
         raise RagcacheError("--chunk-tokens must be at least 8")
     if max_file_mb <= 0:
         raise RagcacheError("--max-file-mb must be more than 0")
-    if kv_codec is not None:
-        vocab.kv_codec(kv_codec)
     if workers is not None and workers < 1:
         raise RagcacheError("--workers must be at least 1")
     from .corpus import discover, roots
@@ -349,7 +343,7 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
             if idx.objects is not None:
                 out["index_info"]["kv_store_usage"] = _store_usage(idx.objects)
             if meta is not None:
-                out["index_info"]["kv_bytes"] = _kv_bytes(idx.store)
+                out["index_info"]["kv_bytes"] = idx.kv_bytes()
                 from .vectors import account
                 out["index_info"]["vectors"] = account(path / "vectors.faiss", idx.store.version(),
                                                        meta.vector_index, meta.dim, idx.count())
@@ -383,25 +377,6 @@ def info(index: Optional[str] = IndexOpt, as_json: bool = JsonOpt) -> None:
     else:
         typer.echo(f"  no index there yet\nmodel: {out['model']}  [RAGCACHE_MODEL, -m] (for a new index)")
     typer.echo(f"home:  {out['home']}  [RAGCACHE_HOME]")
-
-
-def _kv_bytes(store, sample: int = 64) -> dict:
-    """Bytes per token of the stored KV (headers and quantisation statistics included), from the first
-    blobs held in LMDB, beside the raw width; empty when the blobs live in an object store."""
-    from . import kv as kvlib
-    from . import kvremote
-    stored = tokens = raw = 0
-    with store.snapshot() as txn:
-        for n, (_, v) in enumerate(txn.cursor(db=store.db["kv"])):
-            if n == sample or kvremote.referenced_key(v) is not None:
-                break
-            try:
-                h = kvlib.header(v)
-            except RagcacheError:
-                continue  # verify reports it
-            layers, _, heads, t, head_dim = h.shape
-            stored, tokens, raw = stored + len(v), tokens + t, layers * 2 * heads * head_dim * h.dtype.itemsize
-    return {"per_token": stored / tokens, "raw_per_token": raw} if tokens else {}
 
 
 def _store_usage(objects) -> dict:

@@ -175,14 +175,7 @@ class RagCache:
         `vector_index` (a new index's; default "flat") is "flat" or "ivfpq" (vectors.py).
         `kv_codec` (a new index's; default DEFAULT_KV_CODEC) is "raw" or a quantised "fp8", "int8", "int4".
         """
-        if kv_attention is not None:
-            vocab.attention(kv_attention)
-        if layout is not None:
-            vocab.style(layout)
-        if vector_index is not None:
-            vocab.vector_index(vector_index)
-        if kv_codec is not None:
-            vocab.kv_codec(kv_codec)
+        vocab.index_options(kv_attention=kv_attention, layout=layout, vector_index=vector_index, kv_codec=kv_codec)
         meta = self.meta
         if meta is None:
             style = layout or self.default_layout()

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from . import kv as kvlib
+from . import kvremote
 from .errors import RagcacheError
 from .meta import IndexMeta
 from .objstore import ObjectStore
@@ -86,6 +88,22 @@ class Index:
 
     def files(self) -> dict[str, FileRecord]:
         return self.store.files()
+
+    def kv_bytes(self, sample: int = 64) -> dict:
+        """Bytes per token of the stored KV (headers and quantisation statistics included), from the first
+        `sample` blobs held in LMDB, beside the raw width; empty when the blobs live in an object store."""
+        stored = tokens = raw = 0
+        with self.store.snapshot() as txn:
+            for n, (_, v) in enumerate(txn.cursor(db=self.store.db["kv"])):
+                if n == sample or kvremote.referenced_key(v) is not None:
+                    break
+                try:
+                    h = kvlib.header(v)
+                except RagcacheError:
+                    continue  # verify reports it
+                layers, _, heads, t, head_dim = h.shape
+                stored, tokens, raw = stored + len(v), tokens + t, layers * 2 * heads * head_dim * h.dtype.itemsize
+        return {"per_token": stored / tokens, "raw_per_token": raw} if tokens else {}
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         """The k nearest chunks to `vector`, best first."""

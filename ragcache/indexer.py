@@ -238,11 +238,14 @@ class _Writer:
 
 def _uploaded(index: Index, part: FilePart) -> FilePart:
     """`part` with its KV blobs put in the index's object store, and references to them in their place."""
-    keys = [kvremote.referenced_key(blob) or kvremote.object_key(index.meta, chunk.token_ids)
-            for chunk, _, blob in part.rows]  # a Ray worker may have written the object already
-    index.objects.put_many({key: blob for key, (_, _, blob) in zip(keys, part.rows)
-                            if kvremote.referenced_key(blob) is None})
-    rows = [(chunk, emb, kvremote.reference(key)) for key, (chunk, emb, _) in zip(keys, part.rows)]
+    rows, uploads = [], {}
+    for chunk, emb, blob in part.rows:
+        key = kvremote.referenced_key(blob)  # a Ray worker may have written the object already
+        if key is None:
+            key = kvremote.object_key(index.meta, chunk.token_ids)
+            uploads[key] = blob
+        rows.append((chunk, emb, kvremote.reference(key)))
+    index.objects.put_many(uploads)
     return replace(part, rows=rows)
 
 

@@ -59,6 +59,16 @@ def vector_index(value: str) -> VectorIndex:
     return _parse(value, VECTOR_INDEXES, "vector index", "vector_index")
 
 
+_INDEX_WORDS = {"kv_attention": attention, "layout": style, "vector_index": vector_index, "kv_codec": kv_codec}
+
+
+def index_options(**given: str | None) -> None:
+    """Parse the words that fix a new index (kv_attention, layout, vector_index, kv_codec; None: not given)."""
+    for name, value in given.items():
+        if value is not None:
+            _INDEX_WORDS[name](value)
+
+
 def modes(value: str) -> list[Mode]:
     """A comma-separated list of modes, at least one."""
     chosen = [m.strip() for m in value.split(",") if m.strip()]
