@@ -26,6 +26,16 @@ def copy_to(tensor: torch.Tensor, device: torch.device, pin: bool = False) -> to
     return tensor.to(device, copy=True)
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on the CPU; from a GPU through pinned memory, several times faster than pageable."""
+    if tensor.device.type == "cpu":
+        return tensor
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    out.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()  # the bytes are read right after
+    return out
+
+
 def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

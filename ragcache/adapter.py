@@ -122,19 +122,17 @@ def causal_allowed(q: int, past: int, device: torch.device) -> torch.Tensor:
 
 # ---- caches ------------------------------------------------------------------------------------------
 def from_cache(cache: Cache, row: int, length: int, start: int = 0) -> torch.Tensor:
-    """Cut one sequence's `length` tokens from `start` out of a batched HF cache, in one copy, onto the CPU.
+    """Cut one sequence's `length` tokens from `start` out of a batched HF cache, in one copy.
 
-    From a GPU the copy lands in pinned memory, several times faster than pageable memory.
+    The copy stays on the cache's device: a codec shrinks it there (kv.serialize), so the
+    device-to-host copy carries the small form.
     """
     first = cache.layers[0].keys  # each layer: keys/values (batch, kv_heads, tokens, head_dim)
-    cuda = first.device.type == "cuda"
     out = torch.empty(len(cache.layers), 2, first.shape[1], length, first.shape[3], dtype=first.dtype,
-                      pin_memory=cuda)
+                      device=first.device)
     for i, layer in enumerate(cache.layers):
-        out[i, 0].copy_(layer.keys[row, :, start : start + length], non_blocking=cuda)
-        out[i, 1].copy_(layer.values[row, :, start : start + length], non_blocking=cuda)
-    if cuda:
-        torch.cuda.current_stream(first.device).synchronize()  # the bytes are read right after
+        out[i, 0].copy_(layer.keys[row, :, start : start + length])
+        out[i, 1].copy_(layer.values[row, :, start : start + length])
     return out  # (layers, 2, kv_heads, tokens, head_dim)
 
 

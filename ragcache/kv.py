@@ -38,7 +38,7 @@ import torch
 import xxhash
 import zstandard
 
-from . import quant
+from . import accel, quant
 from .errors import RagcacheError
 from .meta import KV_FORMAT as FORMAT_VERSION
 
@@ -91,10 +91,10 @@ def serialize(kv: torch.Tensor, codec: int | None = None, params: quant.Params |
         params = params or quant.DEFAULTS[_QUANT[codec]]
         if params.kind != _QUANT[codec]:
             raise ValueError(f"quantisation parameters {params} do not fit codec {codec}")
-        payload = quant.quantize(kv.detach(), params).cpu().numpy()
+        payload = accel.to_host(quant.quantize(kv.detach(), params)).numpy()  # quantised where kv is
         groups = (params.key_group, params.value_group, params.sink)
     else:
-        payload, groups = kv.detach().contiguous().cpu().view(torch.uint8).numpy().reshape(-1), (0, 0, 0)
+        payload, groups = accel.to_host(kv.detach().contiguous()).view(torch.uint8).numpy().reshape(-1), (0, 0, 0)
         if codec != RAW:
             packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_planes(payload, kv.element_size()))
             if codec is None:

@@ -4,6 +4,7 @@ info, and the cached path is exactly the one over the dequantised cache."""
 import json
 
 import pytest
+import torch
 from conftest import damage_kv
 from typer.testing import CliRunner
 
@@ -91,3 +92,18 @@ def test_cli_kv_codec_and_info(tmp_path, model_dir, corpus_dir):
     bad = runner.invoke(app, ["index", str(corpus_dir), "-i", str(tmp_path / "x"), "-m", str(model_dir),
                               "--kv-codec", "int3"])
     assert bad.exit_code == 1 and "unknown KV codec 'int3'" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_host_receives_the_quantised_form(tmp_path, model, corpus_dir, monkeypatch):
+    """Indexing quantises where the model computed the KV: what crosses to the host is the payload, a
+    third of the cache's bytes at int4, never the cache itself (on a GPU, the device-to-host copy)."""
+    crossed = []
+    real = kvlib.accel.to_host
+    monkeypatch.setattr(kvlib.accel, "to_host", lambda t: crossed.append(t) or real(t))
+    with RagCache.open(tmp_path / "idx", model=model) as rc:
+        rc.index([corpus_dir], chunk_tokens=24, kv_codec="int4")
+        with rc.store.snapshot() as txn:
+            blobs = [kvlib.header(v) for _, v in txn.cursor(db=rc.store.db["kv"])]
+    kv_bytes = sum(h.shape[0] * 2 * h.shape[2] * h.shape[3] * h.shape[4] * h.dtype.itemsize for h in blobs)
+    assert len(crossed) == len(blobs) and all(t.dtype == torch.uint8 for t in crossed)
+    assert sum(t.numel() for t in crossed) < 0.35 * kv_bytes
