@@ -104,8 +104,8 @@ class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option must not silently fall back to a default
     mode: str = "doc"
     top_k: int = Field(3, ge=1)
-    sources_in_text: bool = False
-    recompute: float = Field(0.0, ge=0, le=1)  # fraction of cached tokens recomputed with full attention  # also close the message with the sources block (they return in chat history)
+    sources_in_text: bool = False  # also close the message with the sources block (they return in chat history)
+    recompute: float = Field(0.0, ge=0, le=1)  # fraction of cached tokens recomputed with full attention
     order: str = "doc-first"
 
 

@@ -269,3 +269,49 @@ def s3_bucket(s3_env) -> str:
     name = f"kv-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+class Served:
+    """`ragcache serve` in a subprocess, as a user starts it, on a free loopback port."""
+
+    def __init__(self, index: Path, env: dict, *args: str):
+        import os
+        import socket
+        import subprocess
+        import sys
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "ragcache.cli", "serve", "-i", str(index), "--port",
+                                      str(port), *args], env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+
+    def request(self, path: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
+        import urllib.error
+        import urllib.request
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        req = urllib.request.Request(self.base + path, headers=headers,
+                                     data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def wait_ready(self, seconds: float = 120) -> None:
+        import time
+        import urllib.error
+        deadline = time.monotonic() + seconds
+        while True:
+            assert self.proc.poll() is None, self.proc.stdout.read()
+            try:
+                assert self.request("/health")[0] == 200
+                return
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

@@ -2,14 +2,11 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
+from conftest import Served
 from typer.testing import CliRunner
 
 from ragcache.cli import app
@@ -123,35 +120,11 @@ def test_serve_bad_input(index, tmp_path):
 
 def test_serve_from_a_fresh_shell(index):
     """`ragcache serve` listens, takes its key from RAGCACHE_API_KEY, and stops on a signal."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, RAGCACHE_API_KEY="from-env")
-    proc = subprocess.Popen([sys.executable, "-m", "ragcache.cli", "serve", "-i", str(index), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def get(path, key=None):
-        req = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {key}"} if key else {})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
+    server = Served(index, {"RAGCACHE_API_KEY": "from-env"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                assert get("/health")[0] == 200
-                break
-            except urllib.error.URLError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
-        assert get("/v1/models")[0] == 401
-        status, models = get("/v1/models", key="from-env")
+        server.wait_ready()
+        assert server.request("/v1/models")[0] == 401
+        status, models = server.request("/v1/models", key="from-env")
         assert status == 200 and models["data"][0]["max_model_len"] == 4096
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()

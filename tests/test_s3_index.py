@@ -6,7 +6,7 @@ import shutil
 import signal
 
 import pytest
-from conftest import spans
+from conftest import Served, spans
 from typer.testing import CliRunner
 
 pytest.importorskip("boto3")
@@ -16,6 +16,7 @@ import boto3  # noqa: E402
 
 from ragcache import RagCache, RagcacheError  # noqa: E402
 from ragcache import kvremote  # noqa: E402
+from ragcache.diskcache import SUFFIX  # noqa: E402
 from ragcache.cli import app  # noqa: E402
 from ragcache.verify import verify  # noqa: E402
 
@@ -158,6 +159,35 @@ def test_two_replicas_sharing_the_store_answer_alike(tmp_path, model, s3_index, 
             answers.append([_ask(rc).token_ids for _ in range(2)] + [rc.ask(q, top_k=2, max_new_tokens=4).token_ids
                                                                     for q in ("Who wrote the book?", "Where is Berlin?")])
     assert answers[0] == answers[1]
+
+
+def test_two_serve_processes_sharing_the_store_answer_alike(tmp_path, s3_index, s3_bucket):
+    """Two `ragcache serve` processes, each on its own copy of the index folder and its own local disk
+    cache, read the one store and answer every question identically."""
+    path, _ = s3_index
+    servers = []
+    for name in ("replica-a", "replica-b"):
+        shutil.copytree(path, tmp_path / name)
+        servers.append(Served(tmp_path / name, {"RAGCACHE_HOME": str(tmp_path / f"home-{name}")}))
+    try:
+        for server in servers:
+            server.wait_ready()
+        answers = []
+        for server in servers:
+            replies, model = [], server.request("/v1/models")[1]["data"][0]["id"]
+            for question in (QUESTION, "Who wrote the book?", "Where is Berlin?", QUESTION):
+                status, reply = server.request("/v1/chat/completions", {
+                    "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 6,
+                    "temperature": 0, "ignore_eos": True, "rag": {"mode": "doc", "top_k": 3}})
+                assert status == 200, reply
+                replies.append((reply["choices"][0]["message"]["content"], [s["chunk_id"] for s in reply["sources"]]))
+            answers.append(replies)
+    finally:
+        for server in servers:
+            server.stop()
+    assert answers[0] == answers[1]
+    for name in ("replica-a", "replica-b"):  # each filled its own disk cache from the shared store
+        assert any((tmp_path / f"home-{name}" / "kv-cache").glob("*" + SUFFIX)), name
 
 
 def test_sigkill_during_an_s3_backed_index_then_resume(tmp_path, many, model, model_dir, s3_bucket, home, capsys):
