@@ -30,6 +30,7 @@ from .records import Chunk
 
 FILES_PER_TASK = 8  # files an actor chunks and encodes per call: small enough to spread, large enough to batch
 TEXT_PER_TASK = 1 << 20  # ...or fewer, once they hold this many characters
+TASKS_PER_ACTOR = 4  # ...or fewer still, so that results stream back while the actors work on
 IN_FLIGHT = 2  # calls queued per actor, so the next starts as soon as one returns
 
 
@@ -90,7 +91,7 @@ def encode_files(works: list[FileWork], meta: IndexMeta, workers: int | None, ba
     device = "cuda" if gpus else "cpu"  # each worker's own GPU, whatever the driver runs on
     actors = [actor_cls.options(name=f"ragcache-encoder-{run}-{i}").remote(meta_json, device, batch_size, cpus)
               for i in range(max(1, min(actors_n, len(works))))]
-    tasks = _tasks(works)
+    tasks = _tasks(works, len(actors))
     running: dict = {}  # object ref -> actor
     try:
         while tasks or running:
@@ -109,13 +110,20 @@ def encode_files(works: list[FileWork], meta: IndexMeta, workers: int | None, ba
             ray.kill(actor)
 
 
-def _tasks(works: list[FileWork]) -> list[list[FileWork]]:
-    """Files grouped by count and size, the largest first so that no actor is left with one at the end."""
+def _tasks(works: list[FileWork], actors: int) -> list[list[FileWork]]:
+    """Files grouped by count and size, the largest first so that no actor is left with one at the end.
+
+    A task holds at most FILES_PER_TASK files and TEXT_PER_TASK characters, and a small corpus is still
+    cut into about TASKS_PER_ACTOR tasks an actor: the driver commits (and the progress bar moves) as
+    each returns, while the actors compute the next, instead of everything waiting for one last result.
+    """
+    sizes = {id(w): sum(len(d.text) for d in w.docs) for w in works}
+    limit = min(TEXT_PER_TASK, max(1, sum(sizes.values()) // (actors * TASKS_PER_ACTOR)))
     tasks, task, size = [], [], 0
-    for work in sorted(works, key=lambda w: -sum(len(d.text) for d in w.docs)):
+    for work in sorted(works, key=lambda w: -sizes[id(w)]):
         task.append(work)
-        size += sum(len(d.text) for d in work.docs)
-        if len(task) == FILES_PER_TASK or size >= TEXT_PER_TASK:
+        size += sizes[id(work)]
+        if len(task) == FILES_PER_TASK or size >= limit:
             tasks.append(task)
             task, size = [], 0
     return tasks + ([task] if task else [])

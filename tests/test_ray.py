@@ -108,3 +108,14 @@ def test_a_killed_worker_stops_the_run_in_one_line_and_a_rerun_resumes(tmp_path,
         rc.index([corpus], chunk_tokens=24, ray="local", workers=1)
         assert spans(rc) == reference  # nothing missing, nothing twice
         assert rc.store.count() == sum(map(len, reference.values()))
+
+
+def test_tasks_are_small_enough_to_stream_and_hold_every_file_once():
+    from ragcache.corpus import Document
+    from ragcache.distributed import FILES_PER_TASK, FileWork, _tasks
+    works = [FileWork(f"f{i}", "h", [Document(str(i), "", "x" * (100 + i))], 0) for i in range(40)]
+    tasks = _tasks(works, actors=2)
+    assert sorted(w.source for t in tasks for w in t) == sorted(w.source for w in works)
+    assert len(tasks) >= 8 and all(len(t) <= FILES_PER_TASK for t in tasks)  # about 4 an actor
+    assert tasks[0][0].source == "f39"  # the largest first
+    assert [[w.source for w in t] for t in _tasks(works[:1], actors=4)] == [["f0"]]
