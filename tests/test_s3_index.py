@@ -127,6 +127,13 @@ def test_index_time_faults_are_one_line_and_write_nothing(tmp_path, model_dir, c
     assert len(result.output.strip().splitlines()) == 1 and not idx.exists()
     result = runner.invoke(app, base + ["--kv-store", "ftp://x/y"])
     assert result.exit_code == 1 and "s3://" in result.output and "Traceback" not in result.output
+    with monkeypatch.context() as m:  # no credentials anywhere: one line, nothing written
+        m.delenv("AWS_ACCESS_KEY_ID")
+        m.delenv("AWS_SECRET_ACCESS_KEY")
+        m.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        result = runner.invoke(app, base + ["--kv-store", f"s3://{s3_bucket}/kv"])
+    assert result.exit_code == 1 and "no AWS credentials" in result.output and not idx.exists()
+    assert len(result.output.strip().splitlines()) == 1
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     result = runner.invoke(app, base + ["--kv-store", f"s3://{s3_bucket}/kv"])
     assert result.exit_code == 1 and "cannot reach the endpoint" in result.output and not idx.exists()
