@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import socket
 import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -275,10 +282,6 @@ class Served:
     """`ragcache serve` in a subprocess, as a user starts it, on a free loopback port."""
 
     def __init__(self, index: Path, env: dict, *args: str):
-        import os
-        import socket
-        import subprocess
-        import sys
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -288,8 +291,6 @@ class Served:
                                      stderr=subprocess.STDOUT, text=True)
 
     def request(self, path: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
-        import urllib.error
-        import urllib.request
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
         req = urllib.request.Request(self.base + path, headers=headers,
                                      data=None if body is None else json.dumps(body).encode())
@@ -300,8 +301,6 @@ class Served:
             return e.code, json.loads(e.read())
 
     def wait_ready(self, seconds: float = 120) -> None:
-        import time
-        import urllib.error
         deadline = time.monotonic() + seconds
         while True:
             assert self.proc.poll() is None, self.proc.stdout.read()
