@@ -86,12 +86,11 @@ def main() -> None:
                 print(f"  {label:<22} Match {row['match']:5.1f}  first-token KL {row['kl_first']:.4f}  "
                       f"TTFT {row['ttft_ms_median']:6.1f} ms  ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    print("\n| config | EM | Match | F1 | first-token KL | first-token top-1 % | answer KL | answer top-1 % | TTFT ms (median) |")
-    print("| --- |" + " ---: |" * 8)
-    for r in rows:
-        print(f"| {r['config']} | {r['em']:.1f} | {r['match']:.1f} | {r['f1']:.1f} | {r['kl_first']:.4f} | "
-              f"{100 * r['top1_first']:.1f} | {r['kl_answer']:.4f} | {100 * r['top1_answer']:.1f} | "
-              f"{r['ttft_ms_median']:.1f} |")
+    print(table(["config", "EM", "Match", "F1", "first-token KL", "first-token top-1 %", "answer KL", "answer top-1 %",
+                 "TTFT ms (median)"],
+                [[r["config"], f"{r['em']:.1f}", f"{r['match']:.1f}", f"{r['f1']:.1f}", f"{r['kl_first']:.4f}",
+                  f"{100 * r['top1_first']:.1f}", f"{r['kl_answer']:.4f}", f"{100 * r['top1_answer']:.1f}",
+                  f"{r['ttft_ms_median']:.1f}"] for r in rows]))
     by = {r["config"]: r for r in rows}
     rag, doc = by["rag doc-first"], by["doc"]
     win = rag["ttft_ms_median"] - doc["ttft_ms_median"]
@@ -124,18 +123,18 @@ def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, t
         scores = [metrics.qa_scores(a.answer, q["answers"]) for a, q in zip(answers[codec], questions)]
         drift = [fidelity.drift(a.first_logits[None], r.first_logits[None]) for a, r in zip(answers[codec], answers["raw"])]
         row = {"codec": codec, "bytes_per_token": size["per_token"], "x_raw_dtype": size["per_token"] / size["raw_per_token"]}
-        row |= {k: 100 * sum(s[k] for s in scores) / len(scores) for k in ("em", "match", "f1")}
+        row |= {k: 100 * sum(s[k] for s in scores) / len(scores) for k in metrics.QA_NAMES}
         row |= {"kl_first_vs_raw": sum(d.kl_first for d in drift) / len(drift),
                 "top1_vs_raw": sum(d.top1_first for d in drift) / len(drift),
                 "ttft_ms_median": sorted(a.timings_ms["ttft"] for a in answers[codec])[len(questions) // 2]}
         rows.append(row)
         print(f"  {codec:<5} Match {row['match']:5.1f}  KL vs raw {row['kl_first_vs_raw']:.5f}  "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
-    print("\n| codec | bytes/token (x raw float32) | EM | Match | F1 | first-token KL vs raw | first-token top-1 vs raw % | TTFT ms (median) |")
-    print("| --- |" + " ---: |" * 7)
-    for r in rows:
-        print(f"| {r['codec']} | {r['bytes_per_token']:,.0f} ({r['x_raw_dtype']:.3f}x) | {r['em']:.1f} | {r['match']:.1f} | "
-              f"{r['f1']:.1f} | {r['kl_first_vs_raw']:.5f} | {100 * r['top1_vs_raw']:.1f} | {r['ttft_ms_median']:.1f} |")
+    print(table(["codec", "bytes/token (x raw float32)", "EM", "Match", "F1", "first-token KL vs raw",
+                 "first-token top-1 vs raw %", "TTFT ms (median)"],
+                [[r["codec"], f"{r['bytes_per_token']:,.0f} ({r['x_raw_dtype']:.3f}x)", f"{r['em']:.1f}",
+                  f"{r['match']:.1f}", f"{r['f1']:.1f}", f"{r['kl_first_vs_raw']:.5f}", f"{100 * r['top1_vs_raw']:.1f}",
+                  f"{r['ttft_ms_median']:.1f}"] for r in rows]))
     raw = rows[0]
     for r in rows[1:]:
         bound = 1.5 if r["codec"] == "int4" else 0.5
@@ -143,6 +142,12 @@ def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, t
         print(f"{'PASS' if ok else 'FAIL'}  {r['codec']}: Match {r['match'] - raw['match']:+.1f} points of raw "
               f"(target within {bound})" + ("" if r["codec"] == "int4" else f", KL {r['kl_first_vs_raw']:.5f} (target <= 0.01)"))
     save(args.out, "fidelity-codecs", rows)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, after a blank line: the first column left-aligned, the rest right."""
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    return "\n" + "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def save(out: Path, name: str, rows: list[dict]) -> None:

@@ -28,12 +28,7 @@ def copy_to(tensor: torch.Tensor, device: torch.device, pin: bool = False) -> to
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` on the CPU; from a GPU through pinned memory, several times faster than pageable."""
-    if tensor.device.type == "cpu":
-        return tensor
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    out.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()  # the bytes are read right after
-    return out
+    return tensor if tensor.device.type == "cpu" else copy_to(tensor, torch.device("cpu"), pin=True)
 
 
 def host_memory_bytes() -> int:

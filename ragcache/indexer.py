@@ -129,7 +129,7 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
         stats.seconds = time.perf_counter() - t0
         return stats
     total = sum(len(p.chunks) - p.done for p in pending)
-    codec = CODECS.get(meta.kv_codec)  # None until the first batch's probe chooses it
+    codec = kvlib.CODECS.get(meta.kv_codec)  # None until the first batch's probe chooses it
     with _progress(show_progress, total) as advance, _Writer(index, vectors, stats, advance, pipelined) as writer:
         for batch in _batches(pending):
             passages = [p.passages[i] for p, start, end in batch for i in range(start, end)]
@@ -143,9 +143,6 @@ def run(index: Index, model: GritModel, retriever: Retriever, frame: prompts.Fra
     return stats
 
 
-CODECS = kvlib.CODECS
-
-
 def _probe_codec(index: Index, kvs: list) -> tuple[int, list]:
     """Choose the index's KV codec once, from its first batch: zstd only if it saves a third overall.
 
@@ -156,7 +153,7 @@ def _probe_codec(index: Index, kvs: list) -> tuple[int, list]:
     stored = sum(len(b) for b in blobs)
     name = "zstd" if raw >= kvlib.MIN_RATIO * stored else "raw"
     index.set_kv_codec(name)
-    codec = CODECS[name]
+    codec = kvlib.CODECS[name]
     return codec, [b if kvlib.header(b).codec == codec else kvlib.serialize(kv, codec) for b, kv in zip(blobs, kvs)]
 
 
@@ -274,7 +271,7 @@ def _run_on_cluster(index: Index, vectors: Vectors, works: list, meta: IndexMeta
     distributed.connect(address)
     if meta.kv_codec == "auto":  # no probe batch here: the workers need the codec before they start
         index.set_kv_codec("raw")
-    codec = CODECS[meta.kv_codec]
+    codec = kvlib.CODECS[meta.kv_codec]
     with _progress(show_progress, None) as advance, _Writer(index, vectors, stats, advance, False) as writer:
         for fd in distributed.encode_files(works, meta, workers, batch_size):
             if not fd.chunks:

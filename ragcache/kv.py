@@ -144,10 +144,10 @@ def header(blob: bytes | memoryview) -> Header:
 def deserialize(blob: bytes | memoryview, device: torch.device | str | None = None) -> torch.Tensor:
     """Inverse of `serialize`, in the original dtype and shape; the checksum is tested before any byte is used.
 
-    A raw blob handed over as a memoryview and read on the CPU (device None) is not copied: the
-    tensor reads the view's memory (for LMDB, the memory map), so it is valid only while the view is,
-    and must not be written to. A quantised blob's payload is copied to `device` (default the CPU)
-    and dequantised there.
+    A raw blob handed over as a memoryview and read on the CPU (`device` None or the CPU) is not
+    copied: the tensor reads the view's memory (for LMDB, the memory map), so it is valid only while
+    the view is, and must not be written to. A quantised blob's payload is copied to `device`
+    (default the CPU) and dequantised there.
     """
     h = header(blob)
     dtype, shape = h.dtype, h.shape

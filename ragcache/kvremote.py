@@ -120,7 +120,7 @@ class ObjectKV:
     def _use(self, batch: KVBatch, cid: int, blob: bytes, where: str, device: torch.device) -> bool:
         try:
             # header and checksum first: a damaged blob is never used; dequantised on the device that uses it
-            tensor = kvlib.deserialize(blob, None if torch.device(device).type == "cpu" else device)
+            tensor = kvlib.deserialize(blob, device)
         except kvlib.CorruptKV as e:
             if where != "disk":
                 batch.damaged[cid] = str(e)

@@ -71,7 +71,7 @@ class StoreKV:
                 t0 = time.perf_counter()
                 try:
                     # header, checksum, decompression or dequantisation (on `device`): every byte is read
-                    tensor = kvlib.deserialize(view, None if torch.device(device).type == "cpu" else device)
+                    tensor = kvlib.deserialize(view, device)
                 except kvlib.CorruptKV as e:
                     batch.damaged[cid] = str(e)
                     continue

@@ -2,6 +2,7 @@
 info, and the cached path is exactly the one over the dequantised cache."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -104,6 +105,6 @@ def test_the_host_receives_the_quantised_form(tmp_path, model, corpus_dir, monke
         rc.index([corpus_dir], chunk_tokens=24, kv_codec="int4")
         with rc.store.snapshot() as txn:
             blobs = [kvlib.header(v) for _, v in txn.cursor(db=rc.store.db["kv"])]
-    kv_bytes = sum(h.shape[0] * 2 * h.shape[2] * h.shape[3] * h.shape[4] * h.dtype.itemsize for h in blobs)
+    kv_bytes = sum(math.prod(h.shape) * h.dtype.itemsize for h in blobs)
     assert len(crossed) == len(blobs) and all(t.dtype == torch.uint8 for t in crossed)
     assert sum(t.numel() for t in crossed) < 0.35 * kv_bytes
