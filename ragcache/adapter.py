@@ -230,11 +230,12 @@ def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, roo
     return cache
 
 
-class _ScatterLayer(DynamicLayer):
-    """A view of a filled layer whose `update` overwrites the given positions instead of appending.
+class _RecomputeLayer(DynamicLayer):
+    """A view of a reserved layer for a pass that recomputes some of its tokens and appends new ones.
 
-    Used to recompute some tokens of a cached prefix in place: the new keys and values land at their
-    own positions, and attention reads the whole prefix, recomputed and cached tokens together.
+    The pass's first `len(positions)` tokens are cached tokens recomputed: their keys and values
+    overwrite the cached ones at `positions`; the rest are new tokens, appended. Attention then reads
+    the whole cache, recomputed and cached tokens together (blend.py).
     """
 
     def __init__(self, layer: ReservedLayer, positions: torch.Tensor):
@@ -244,24 +245,27 @@ class _ScatterLayer(DynamicLayer):
         self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.layer._keys[:, :, self.positions] = key_states  # (1, kv_heads, selected, head_dim)
-        self.layer._values[:, :, self.positions] = value_states
-        return self.layer.keys, self.layer.values
+        k = len(self.positions)  # key_states: (1, kv_heads, k + new, head_dim)
+        keys, values = self.layer.update(key_states[:, :, k:], value_states[:, :, k:])  # waits for a streamed layer
+        self.layer._keys[:, :, self.positions] = key_states[:, :, :k]
+        self.layer._values[:, :, self.positions] = value_states[:, :, :k]
+        return keys, values
 
 
-def overwriting(cache: Cache, positions: torch.Tensor) -> Cache:
-    """A cache over the same buffers whose updates write at `positions` (see _ScatterLayer)."""
-    return Cache(layers=[_ScatterLayer(layer, positions) for layer in cache.layers])
+def recomputing(cache: Cache, positions: torch.Tensor) -> Cache:
+    """A cache over the same buffers for a pass whose first tokens recompute `positions` (_RecomputeLayer)."""
+    return Cache(layers=[_RecomputeLayer(layer, positions) for layer in cache.layers])
 
 
 def first_layers_kv(hf, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype,
-                    layers: int) -> Cache:
-    """The cache of a pass through only the decoder's first `layers` layers (the rest are skipped)."""
+                    layers: int, past: Cache | None = None) -> Cache:
+    """The cache of a pass through only the decoder's first `layers` layers (the rest are skipped),
+    after `past` (which it extends) when given."""
     decoder = hf.get_decoder()
     kept = decoder.layers
     decoder.layers = kept[:layers]
     try:
-        _, cache = run_decoder(hf, ids, positions, allowed, None, dtype)
+        _, cache = run_decoder(hf, ids, positions, allowed, past, dtype)
     finally:
         decoder.layers = kept
     return cache

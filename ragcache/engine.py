@@ -258,10 +258,10 @@ class RagCache:
                                 self._computed(layout, query), room, self.cost, streamed) as loaded:
             timings["kv_load"] = time.perf_counter() - t  # streamed: until the first layer may start
             t = time.perf_counter()
-            blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
-            timings["recompute"] = time.perf_counter() - t
+            chosen = blend.choose(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
+            timings["recompute"] = time.perf_counter() - t  # choosing; the recompute itself is in the prefill
             out = generation.generate(self.model, layout, loaded.cache, loaded.n_cached, sampling, on_token,
-                                      self.static_decode)
+                                      self.static_decode, chosen)
 
         timings["prefill"], timings["decode"] = out.prefill_s, out.decode_s
         self.cost.measured_prefill(sum(len(s.token_ids) for s in layout if not s.cached), out.prefill_s)
@@ -297,8 +297,8 @@ class RagCache:
         room = sum(len(s.token_ids) for s in layout if not s.cached) + len(follow)
         with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention, self.frame,
                                 self._computed(layout, query), room, self.cost) as loaded:
-            blend.recompute_tokens(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
-            cached = generation.forced_logits(self.model, layout, loaded.cache, loaded.n_cached, follow)
+            chosen = blend.choose(self.model, [s for s in layout if s.cached], loaded.cache, recompute)
+            cached = generation.forced_logits(self.model, layout, loaded.cache, loaded.n_cached, follow, chosen)
         return fidelity.drift(cached, generation.full_attention_logits(self.model, layout, follow))
 
     def recompute(self, layout: list[Segment], max_new_tokens: int = 16, ignore_eos: bool = False) -> tuple[list[int], torch.Tensor]:

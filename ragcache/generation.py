@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .adapter import StaticDecoder, causal_allowed
+from .adapter import StaticDecoder, causal_allowed, recomputing
 from .model import GritModel
 from .prompts import Segment, layout_allowed
 
@@ -37,21 +37,46 @@ class Generated:
 
 
 def generate(model: GritModel, layout: list[Segment], cache, n_cached: int, sampling: Sampling,
-             on_token: OnToken | None = None, static: bool = False) -> Generated:
+             on_token: OnToken | None = None, static: bool = False, recompute: torch.Tensor | None = None) -> Generated:
     """Prefill the layout's computed tokens after the `n_cached` cached ones, then decode.
 
-    `static` decodes at a fixed shape over the reserved cache (adapter.StaticDecoder): on a GPU the
-    step is then captured once in a CUDA graph and replayed. The tokens are the same either way.
+    `recompute`: positions of cached tokens recomputed in the same pass (blend.choose). `static`
+    decodes at a fixed shape over the reserved cache (adapter.StaticDecoder): on a GPU the step is
+    then captured once in a CUDA graph and replayed. The tokens are the same either way.
     """
     t0 = time.perf_counter()
-    rest = [t for s in layout if not s.cached for t in s.token_ids]
-    ids = torch.tensor(rest, device=model.device)[None]
-    positions = torch.arange(n_cached, n_cached + len(rest), device=model.device)[None]
-    hidden, cache = model.forward(ids, positions, causal_allowed(len(rest), n_cached, model.device), cache)
+    hidden = prefill(model, layout, cache, n_cached, [], recompute)
     logits = model.logits(hidden[0, -1])
     prefill_s = time.perf_counter() - t0
-    tokens, decode_s = decode(model, cache, logits, n_cached + len(rest), sampling, on_token, static)
+    position = n_cached + sum(len(s.token_ids) for s in layout if not s.cached)
+    tokens, decode_s = decode(model, cache, logits, position, sampling, on_token, static)
     return Generated(tokens, logits, prefill_s, decode_s)
+
+
+@torch.inference_mode()
+def prefill(model: GritModel, layout: list[Segment], cache, n_cached: int, follow: list[int],
+            recompute: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass over the layout's computed tokens, then `follow`, after the `n_cached` cached ones in
+    `cache`; their last hidden states (1, q, hidden).
+
+    The cached tokens at `recompute` (k,) ride in the same pass, in front, each at its own position
+    seeing the prefix up to itself: their keys and values replace the cached ones layer by layer, so
+    the tokens after them read the repaired cache, and the weights are read once for both.
+    """
+    rest = [t for s in layout if not s.cached for t in s.token_ids] + follow
+    device = model.device
+    ids = torch.tensor(rest, device=device)[None]
+    positions = torch.arange(n_cached, n_cached + len(rest), device=device)[None]
+    allowed = causal_allowed(len(rest), n_cached, device)  # (1, q, n_cached + q)
+    if recompute is None or len(recompute) == 0:
+        return model.forward(ids, positions, allowed, cache)[0]
+    prefix = torch.tensor([t for s in layout if s.cached for t in s.token_ids], device=device)
+    cols = torch.arange(n_cached + len(rest), device=device)
+    redo = (cols[None, :] <= recompute[:, None])[None]  # (1, k, n_cached + q): the prefix up to itself
+    hidden, _ = model.forward(torch.cat([prefix[recompute][None], ids], 1),
+                              torch.cat([recompute[None], positions], 1), torch.cat([redo, allowed], 1),
+                              recomputing(cache, recompute))
+    return hidden[:, len(recompute):]
 
 
 def recompute(model: GritModel, layout: list[Segment], sampling: Sampling) -> tuple[list[int], torch.Tensor]:
@@ -113,14 +138,12 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 
 @torch.inference_mode()
-def forced_logits(model: GritModel, layout: list[Segment], cache, n_cached: int, follow: list[int]) -> torch.Tensor:
+def forced_logits(model: GritModel, layout: list[Segment], cache, n_cached: int, follow: list[int],
+                  recompute: torch.Tensor | None = None) -> torch.Tensor:
     """(1 + len(follow), vocab) float32: the next-token logits after the layout, then after each token of
-    `follow` fed in (teacher forcing), on the cached path."""
-    rest = [t for s in layout if not s.cached for t in s.token_ids]
-    ids = torch.tensor(rest + follow, device=model.device)[None]
-    positions = torch.arange(n_cached, n_cached + ids.shape[1], device=model.device)[None]
-    hidden, _ = model.forward(ids, positions, causal_allowed(ids.shape[1], n_cached, model.device), cache)
-    return model.logits(hidden[0, len(rest) - 1 :])
+    `follow` fed in (teacher forcing), on the cached path (with `recompute` as in `prefill`)."""
+    hidden = prefill(model, layout, cache, n_cached, follow, recompute)
+    return model.logits(hidden[0, hidden.shape[1] - len(follow) - 1 :])
 
 
 @torch.inference_mode()

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ragcache import GritModel, RagCache, RagcacheError
+from ragcache import GritModel, RagCache, RagcacheError, blend
 from ragcache import kv as kvlib
-from ragcache.adapter import from_cache, padded_allowed
+from ragcache.adapter import causal_allowed, first_layers_kv, from_cache, padded_allowed
 from ragcache.cli import app
-from ragcache.prompts import CHAT_PREAMBLE
+from ragcache.prompts import CHAT_PREAMBLE, layout_allowed
 from ragcache.vocab import MODES
 
 QUESTION = "What is the capital of France?"
@@ -140,6 +140,28 @@ def test_one_causal_chunk_cached_is_rag_and_recompute_one_is_rag(chat_rc):
             one = chat_rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=8, ignore_eos=True, recompute=fraction)
             assert one.token_ids == rag1.token_ids
             assert (one.first_logits - rag1.first_logits).abs().max().item() < 1e-4
+
+
+def test_recompute_chooses_as_a_full_two_layer_pass_would_without_passing_the_exact_tokens(chat_rc):
+    """The deviation pass starts after the head and the first causal chunk, reading their layers 0
+    and 1 from the cache; the tokens it picks are those a pass over the whole prefix would pick."""
+    answer = chat_rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=1)
+    prefix = [s for s in answer.layout if s.cached]
+    head, first = len(prefix[0].token_ids), len(prefix[1].token_ids)
+    exact = blend.exact_tokens(prefix)
+    assert exact == (head + first if chat_rc.meta.kv_attention == "causal" else head)
+    model, n = chat_rc.model, sum(len(s.token_ids) for s in prefix)
+    ids = torch.tensor([t for s in prefix for t in s.token_ids])[None]
+    pos = torch.arange(n)[None]
+    _, cache = model.forward(ids, pos, layout_allowed(prefix)[None])  # the cached path's keys and values
+    full = first_layers_kv(model.hf, ids, pos, causal_allowed(n, 0, model.device), model.dtype, 2)
+    deviation = sum((getattr(full.layers[1], f) - getattr(cache.layers[1], f))[0].pow(2).sum((0, 2))
+                    for f in ("keys", "values"))  # (n,)
+    assert deviation[:exact].max() < 1e-6 * deviation.max()  # the exact tokens cannot deviate
+    for fraction in (0.1, 0.3):
+        k = round(fraction * n)
+        assert blend.choose(model, prefix, cache, fraction).tolist() == deviation.topk(k).indices.sort().values.tolist()
+    assert blend.choose(model, prefix, cache, 1.0).tolist() == list(range(n))
 
 
 def test_a_damaged_chat_chunk_is_recomputed_after_the_head(chat_rc, tmp_path):
