@@ -12,6 +12,12 @@ first gold answer), and the median CPU time to first token.
 With --codecs raw,fp8,int8,int4 it measures instead what each KV codec costs in `doc` mode: one index
 per codec, and per question EM, Match and F1, and the first-token KL and top-1 agreement of the
 codec's `doc` answer against raw's, beside bytes per token and TTFT.
+
+With --selections deviation,first,last,random it compares ways of choosing the tokens --recompute
+recomputes, by drift alone (first-token and teacher-forced KL, top-1): `deviation` is ragcache's
+(CacheBlend's layer-1 deviation); `first` is EPIC's first tokens of each chunk that is not already
+exact, `last` their last tokens, `random` a seeded draw among them, all at the same count
+(fewer where a chunk is shorter than its share).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ragcache import GritModel, RagCache, evaluate, fidelity
+from ragcache import GritModel, RagCache, blend, evaluate, fidelity
 from ragcache.embedder import Embedder
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v2-sample" / "dev-first5articles.json"
@@ -45,6 +51,8 @@ def main() -> None:
     p.add_argument("--recompute", default="0.05,0.15,0.3", help="fractions for doc mode")
     p.add_argument("--configs", help="only these rows, comma-separated labels (e.g. 'rag doc-first,doc')")
     p.add_argument("--codecs", help="compare these KV codecs in doc mode instead (e.g. raw,fp8,int8,int4)")
+    p.add_argument("--selections", help="compare ways of choosing the recomputed tokens instead "
+                                        "(among deviation,first,last,random), by drift")
     p.add_argument("--squad", type=Path, default=SQUAD)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
@@ -70,6 +78,8 @@ def main() -> None:
         print(f"{model} with {embedder.name}; {len(questions)} questions, k={args.top_k}", flush=True)
         if args.codecs:
             return compare_codecs(model, embedder, corpus, questions, args, tmp)
+        if args.selections:
+            return compare_selections(model, embedder, corpus, questions, args, tmp)
         rows = []
         with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
             t = time.perf_counter()
@@ -142,6 +152,61 @@ def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, t
         print(f"{'PASS' if ok else 'FAIL'}  {r['codec']}: Match {r['match'] - raw['match']:+.1f} points of raw "
               f"(target within {bound})" + ("" if r["codec"] == "int4" else f", KL {r['kl_first_vs_raw']:.5f} (target <= 0.01)"))
     save(args.out, "fidelity-codecs", rows)
+
+
+def _spans(prefix) -> list[tuple[int, int]]:
+    """(start, end) of each cached segment after the exact leading ones."""
+    spans, start = [], 0
+    for seg in prefix:
+        spans.append((start, start + len(seg.token_ids)))
+        start += len(seg.token_ids)
+    return [(a, b) for a, b in spans if a >= blend.exact_tokens(prefix)]
+
+
+def _by_place(where: str):
+    """A blend.choose of the same count that picks tokens by their place in each inexact chunk."""
+    def choose(model, prefix, cache, fraction):
+        n = sum(len(s.token_ids) for s in prefix)
+        k, spans = min(n, round(fraction * n)), _spans(prefix)
+        if k == 0 or not spans:
+            return torch.arange(0)
+        if where == "random":
+            pool = torch.cat([torch.arange(a, b) for a, b in spans])
+            pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:k]]
+        else:
+            each = k // len(spans)
+            pick = torch.tensor([t for a, b in spans
+                                 for t in (range(a, min(b, a + each)) if where == "first" else range(max(a, b - each), b))])
+        return pick.sort().values
+    return choose
+
+
+def compare_selections(model, embedder, corpus: Path, questions: list[dict], args, tmp: Path) -> None:
+    """doc mode's drift from its full recompute, for each way of choosing the recomputed tokens."""
+    from unittest import mock
+    choosers = {"deviation": blend.choose, "first": _by_place("first"), "last": _by_place("last"),
+                "random": _by_place("random")}
+    rows = []
+    with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
+        rc.index([corpus], chunk_tokens=512)
+        for name in args.selections.split(","):
+            for fraction in [0.0] + [float(f) for f in args.recompute.split(",")]:
+                if fraction == 0 and rows:
+                    continue  # plain doc: the same for every selection
+                t = time.perf_counter()
+                with mock.patch.object(blend, "choose", choosers[name]):
+                    drift = [rc.fidelity(q["question"], mode="doc", top_k=args.top_k, reference=q["answers"][0],
+                                         recompute=fraction) for q in questions]
+                row = {"selection": name if fraction else "(none)", "fraction": fraction}
+                row |= {k: sum(getattr(d, k) for d in drift) / len(drift)
+                        for k in ("kl_first", "top1_first", "kl_answer", "top1_answer")}
+                rows.append(row)
+                print(f"  {row['selection']:<9} {fraction:<5} first-token KL {row['kl_first']:.4f}  "
+                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+    print(table(["selection", "fraction", "first-token KL", "first-token top-1 %", "answer KL", "answer top-1 %"],
+                [[r["selection"], f"{r['fraction']:g}", f"{r['kl_first']:.4f}", f"{100 * r['top1_first']:.1f}",
+                  f"{r['kl_answer']:.4f}", f"{100 * r['top1_answer']:.1f}"] for r in rows]))
+    save(args.out, "fidelity-selections", rows)
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
