@@ -156,11 +156,12 @@ def compare_codecs(model, embedder, corpus: Path, questions: list[dict], args, t
 
 def _spans(prefix) -> list[tuple[int, int]]:
     """(start, end) of each cached segment after the exact leading ones."""
-    spans, start = [], 0
+    spans, start, exact = [], 0, blend.exact_tokens(prefix)
     for seg in prefix:
-        spans.append((start, start + len(seg.token_ids)))
+        if start >= exact:
+            spans.append((start, start + len(seg.token_ids)))
         start += len(seg.token_ids)
-    return [(a, b) for a, b in spans if a >= blend.exact_tokens(prefix)]
+    return spans
 
 
 def _by_place(where: str):
@@ -176,7 +177,8 @@ def _by_place(where: str):
         else:
             each = k // len(spans)
             pick = torch.tensor([t for a, b in spans
-                                 for t in (range(a, min(b, a + each)) if where == "first" else range(max(a, b - each), b))])
+                                 for t in (range(a, min(b, a + each)) if where == "first" else range(max(a, b - each), b))],
+                                dtype=torch.long)  # empty when k is smaller than the number of chunks
         return pick.sort().values
     return choose
 

@@ -48,8 +48,7 @@ def generate(model: GritModel, layout: list[Segment], cache, n_cached: int, samp
     hidden = prefill(model, layout, cache, n_cached, [], recompute)
     logits = model.logits(hidden[0, -1])
     prefill_s = time.perf_counter() - t0
-    position = n_cached + sum(len(s.token_ids) for s in layout if not s.cached)
-    tokens, decode_s = decode(model, cache, logits, position, sampling, on_token, static)
+    tokens, decode_s = decode(model, cache, logits, n_cached + hidden.shape[1], sampling, on_token, static)
     return Generated(tokens, logits, prefill_s, decode_s)
 
 
