@@ -257,17 +257,31 @@ def recomputing(cache: Cache, positions: torch.Tensor) -> Cache:
     return Cache(layers=[_RecomputeLayer(layer, positions) for layer in cache.layers])
 
 
+class _Enough(Exception):
+    """The last wanted layer's keys and values are cached: the rest of the pass is not needed."""
+
+
 def first_layers_kv(hf, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype,
                     layers: int, past: Cache | None = None) -> Cache:
-    """The cache of a pass through only the decoder's first `layers` layers (the rest are skipped),
-    after `past` (which it extends) when given."""
-    decoder = hf.get_decoder()
-    kept = decoder.layers
-    decoder.layers = kept[:layers]
+    """The cache of a pass through only the decoder's first `layers` layers, after `past` (which it
+    extends) when given. The pass stops inside the last of them as soon as its keys and values are
+    cached: that layer's attention and MLP, and every layer after it, would feed nothing returned."""
+    cache = DynamicCache() if past is None else past
+    update = cache.update
+
+    def update_then_stop(key_states, value_states, layer_idx, *args, **kwargs):
+        out = update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == layers - 1:
+            raise _Enough
+        return out
+
+    cache.update = update_then_stop  # every HF attention module caches its keys and values through update
     try:
-        _, cache = run_decoder(hf, ids, positions, allowed, past, dtype)
+        run_decoder(hf, ids, positions, allowed, cache, dtype)
+    except _Enough:
+        pass
     finally:
-        decoder.layers = kept
+        del cache.update
     return cache
 
 

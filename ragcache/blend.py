@@ -6,9 +6,9 @@ recompute those, in every layer, with causal attention to everything before them
 of the cache as it is.
 
 Deviation is measured where it first appears: layer 0's keys and values depend on a token alone,
-so they are equal either way; layer 1's depend on layer 0's attention. One pass through the first
-two layers gives the full-attention KV of layer 1, compared token by token with the cached one
-(keys and values, L2). The leading segments whose cache already is the full pass's (the chat head
+so they are equal either way; layer 1's depend on layer 0's attention. One pass through layer 0,
+stopped inside layer 1 once its keys and values exist, gives the full-attention KV of layer 1,
+compared token by token with the cached one (keys and values, L2). The leading segments whose cache already is the full pass's (the chat head
 and the chunk right after it, or a causal first chunk) are read from the cache, not passed again:
 they cannot deviate, so the pass covers only the tokens after them.
 

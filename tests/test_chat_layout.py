@@ -155,6 +155,10 @@ def test_recompute_chooses_as_a_full_two_layer_pass_would_without_passing_the_ex
     pos = torch.arange(n)[None]
     _, cache = model.forward(ids, pos, layout_allowed(prefix)[None])  # the cached path's keys and values
     full = first_layers_kv(model.hf, ids, pos, causal_allowed(n, 0, model.device), model.dtype, 2)
+    _, whole = model.forward(ids, pos, causal_allowed(n, 0, model.device))  # every layer, attention and MLP
+    for layer in (0, 1):  # the two-layer pass stops after layer 1's keys and values, which are the whole pass's
+        for f in ("keys", "values"):
+            assert torch.allclose(getattr(full.layers[layer], f), getattr(whole.layers[layer], f), atol=1e-5)
     deviation = sum((getattr(full.layers[1], f) - getattr(cache.layers[1], f))[0].pow(2).sum((0, 2))
                     for f in ("keys", "values"))  # (n,)
     assert deviation[:exact].max() < 1e-6 * deviation.max()  # the exact tokens cannot deviate
