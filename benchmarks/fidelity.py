@@ -167,12 +167,14 @@ def _spans(prefix) -> list[tuple[int, int]]:
 
 
 def _by_place(where: str):
-    """A blend.choose of the same count that picks tokens by their place in each inexact chunk."""
+    """A blend.choose of the same cost that picks tokens by their place in each inexact chunk and
+    recomputes them in every layer (deviation's plan tapers: the same token-layers in all)."""
     def choose(model, prefix, cache, fraction):
         n = sum(len(s.token_ids) for s in prefix)
         k, spans = min(n, round(fraction * n)), _spans(prefix)
+        layers = model.hf.config.num_hidden_layers
         if k == 0 or not spans:
-            return torch.arange(0)
+            return blend.Plan(torch.arange(0), [0] * layers)
         if where == "random":
             pool = torch.cat([torch.arange(a, b) for a, b in spans])
             pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:k]]
@@ -181,7 +183,7 @@ def _by_place(where: str):
             pick = torch.tensor([t for a, b in spans
                                  for t in (range(a, min(b, a + each)) if where == "first" else range(max(a, b - each), b))],
                                 dtype=torch.long)  # empty when k is smaller than the number of chunks
-        return pick.sort().values
+        return blend.Plan(pick.sort().values, [len(pick)] * layers)
     return choose
 
 

@@ -13,7 +13,10 @@ the KV code and generation go through the functions here.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import (
@@ -230,31 +233,89 @@ def assemble(parts: list[torch.Tensor], inv_freq: torch.Tensor, layers: int, roo
     return cache
 
 
+class _Carried:
+    """Which of a recomputing pass's front rows are cached tokens recomputed, shared by its layers.
+
+    `positions` (k,) are the recomputed tokens' places in the cache, `carried[l]` how many of them
+    layer l still computes (non-increasing); `rows` indexes `positions` for the rows now in the pass.
+    `keep`, set by a layer that hands on fewer, holds the rows the next layer keeps.
+    """
+
+    def __init__(self, positions: torch.Tensor, carried: list[int]):
+        self.positions, self.carried = positions, carried
+        self.rows = torch.arange(len(positions), device=positions.device)
+        self.keep: torch.Tensor | None = None
+
+
 class _RecomputeLayer(DynamicLayer):
     """A view of a reserved layer for a pass that recomputes some of its tokens and appends new ones.
 
-    The pass's first `len(positions)` tokens are cached tokens recomputed: their keys and values
-    overwrite the cached ones at `positions`; the rest are new tokens, appended. Attention then reads
-    the whole cache, recomputed and cached tokens together (blend.py).
+    The pass's front rows are cached tokens recomputed: their keys and values overwrite the cached
+    ones at their positions; the rest are new tokens, appended. Attention then reads the whole cache,
+    recomputed and cached tokens together. Where the next layer carries fewer recomputed tokens, it
+    keeps those whose keys and values deviated most from the cached ones here (blend.py).
     """
 
-    def __init__(self, layer: ReservedLayer, positions: torch.Tensor):
+    def __init__(self, layer: ReservedLayer, index: int, state: _Carried):
         super().__init__()
-        self.layer, self.positions = layer, positions
+        self.layer, self.index, self.state = layer, index, state
         self.keys, self.values = layer.keys, layer.values
         self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        k = len(self.positions)  # key_states: (1, kv_heads, k + new, head_dim)
-        keys, values = self.layer.update(key_states[:, :, k:], value_states[:, :, k:])  # waits for a streamed layer
-        self.layer._keys[:, :, self.positions] = key_states[:, :, :k]
-        self.layer._values[:, :, self.positions] = value_states[:, :, :k]
+        state = self.state
+        c = len(state.rows)  # key_states: (1, kv_heads, c + new, head_dim)
+        keys, values = self.layer.update(key_states[:, :, c:], value_states[:, :, c:])  # waits for a streamed layer
+        at = state.positions[state.rows]
+        after = state.carried[self.index + 1] if self.index + 1 < len(state.carried) else c
+        if after < c:  # compared before the cached keys and values are overwritten
+            deviation = ((key_states[0, :, :c] - self.layer._keys[0, :, at]).float().pow(2).sum((0, 2))
+                         + (value_states[0, :, :c] - self.layer._values[0, :, at]).float().pow(2).sum((0, 2)))
+            state.keep = deviation.topk(after).indices.sort().values  # (after,)
+        self.layer._keys[:, :, at] = key_states[:, :, :c]
+        self.layer._values[:, :, at] = value_states[:, :, :c]
         return keys, values
 
 
-def recomputing(cache: Cache, positions: torch.Tensor) -> Cache:
-    """A cache over the same buffers for a pass whose first tokens recompute `positions` (_RecomputeLayer)."""
-    return Cache(layers=[_RecomputeLayer(layer, positions) for layer in cache.layers])
+def _drop_rows(state: _Carried, module, args: tuple, kwargs: dict):
+    """Before a decoder layer: leave out the recomputed rows no longer carried, from the hidden states
+    (the layer before's output) and from the per-row inputs (mask rows, rotary cos/sin, position ids),
+    which the decoder hands every layer whole, for all of the pass's rows."""
+    hidden = args[0] if args else kwargs["hidden_states"]  # (1, rows, hidden)
+    if state.keep is not None:  # the layer before handed on fewer
+        c = len(state.rows)
+        hidden = hidden[:, torch.cat([state.keep, torch.arange(c, hidden.shape[1], device=hidden.device)])]
+        state.rows, state.keep = state.rows[state.keep], None
+    k = len(state.positions)
+    if len(state.rows) == k:
+        return None
+    total = hidden.shape[1] - len(state.rows) + k
+    rows = torch.cat([state.rows, torch.arange(k, total, device=hidden.device)])
+    mask, rope, ids = kwargs.get("attention_mask"), kwargs.get("position_embeddings"), kwargs.get("position_ids")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] == total:
+        kwargs["attention_mask"] = mask[:, :, rows]  # (b, 1, rows, keys)
+    if rope is not None:
+        kwargs["position_embeddings"] = tuple(t[:, rows] for t in rope)  # cos, sin: (b, rows, head_dim)
+    if ids is not None:
+        kwargs["position_ids"] = ids[:, rows]
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, kwargs | {"hidden_states": hidden}
+
+
+@contextmanager
+def recomputing(hf, cache: Cache, positions: torch.Tensor, carried: list[int]) -> Iterator[Cache]:
+    """A cache over the same buffers for a pass whose front rows recompute the cached tokens at
+    `positions`, `carried[l]` of them in layer l (_RecomputeLayer): while it is open, the decoder
+    layers leave out the rows dropped on the way, so the pass ends with `carried[-1]` of them."""
+    state = _Carried(positions, carried)
+    hooks = [layer.register_forward_pre_hook(partial(_drop_rows, state), with_kwargs=True)
+             for layer in hf.get_decoder().layers]
+    try:
+        yield Cache(layers=[_RecomputeLayer(layer, i, state) for i, layer in enumerate(cache.layers)])
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class _Enough(Exception):

@@ -12,15 +12,22 @@ compared token by token with the cached one (keys and values, L2). The leading s
 and the chunk right after it, or a causal first chunk) are read from the cache, not passed again:
 they cannot deviate, so the pass covers only the tokens after them.
 
-`choose` returns the positions; the recompute itself rides in the prefill of the question
-(generation.prefill): one pass through all layers for the chosen tokens and the question together,
-so the model's weights are read once.
+CacheBlend's gradual filtering spends the recompute where it still matters: layer 1 chooses more
+tokens than the fraction, and each deeper layer carries on only those whose keys and values still
+deviate most from the cached ones, linearly down to a share of them at the last layer (`carried`).
+`fraction` is what it costs: the share of the prefix's token-layers recomputed.
 
-fraction 0 is the pure cached path; fraction 1 recomputes every token, which is a full causal pass:
-token for token the `rag` baseline of the same order.
+`choose` returns the plan; the recompute itself rides in the prefill of the question
+(generation.prefill): one pass for the chosen tokens and the question together, so the model's
+weights are read once, and a token dropped after layer l is not computed beyond it.
+
+fraction 0 is the pure cached path; fraction 1 recomputes every token in every layer, which is a
+full causal pass: token for token the `rag` baseline of the same order.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -28,6 +35,30 @@ from transformers import DynamicCache
 from . import adapter
 from .model import GritModel
 from .prompts import Segment
+
+TAPER = 0.5  # the last layer carries this share of the tokens layer 1 chose (while it starts below all)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cached tokens a pass recomputes: `positions` (k,) ascending, as layer 1 chose them, and
+    `carried[l]`, how many of them layer l computes (k in layers 0 and 1, then non-increasing)."""
+
+    positions: torch.Tensor
+    carried: list[int]
+
+
+def carried(n: int, fraction: float, layers: int) -> list[int]:
+    """Tokens each layer recomputes out of the prefix's `n`, for `fraction` of its token-layers: a
+    start `s` through layer 1 tapering linearly to TAPER * s at the last layer, or from all `n` down
+    to what keeps the mean when that start would be more than all."""
+    if layers < 3:
+        return [min(n, round(fraction * n))] * layers
+    start, end = 2 * fraction / (1 + TAPER), 2 * fraction * TAPER / (1 + TAPER)
+    if start > 1:
+        start, end = 1.0, 2 * fraction - 1
+    share = [start] * 2 + [start + (end - start) * (l - 1) / (layers - 2) for l in range(2, layers)]
+    return [min(n, round(f * n)) for f in share]
 
 
 def exact_tokens(prefix: list[Segment]) -> int:
@@ -42,14 +73,16 @@ def exact_tokens(prefix: list[Segment]) -> int:
 
 
 @torch.inference_mode()
-def choose(model: GritModel, prefix: list[Segment], cache, fraction: float) -> torch.Tensor:
-    """Positions (k,) ascending of the most deviating `fraction` of the prefix's tokens in `cache`."""
+def choose(model: GritModel, prefix: list[Segment], cache, fraction: float) -> Plan:
+    """The plan for recomputing `fraction` of the prefix's token-layers in `cache`: layer 1 takes
+    the most deviating tokens, deeper layers fewer of them (`carried`)."""
     ids_list = [t for s in prefix for t in s.token_ids]
     n = len(ids_list)
-    k = min(n, round(fraction * n))
     device = model.device
+    counts = carried(n, fraction, model.hf.config.num_hidden_layers)
+    k = counts[0]
     if k == 0 or k == n:
-        return torch.arange(k, device=device)
+        return Plan(torch.arange(k, device=device), counts)
     exact = exact_tokens(prefix)
     deviation = torch.zeros(n, device=device)  # exact tokens: none, so they are chosen only after all others
     if exact < n:
@@ -65,4 +98,4 @@ def choose(model: GritModel, prefix: list[Segment], cache, fraction: float) -> t
         cached = cache.layers[1]
         deviation[exact:] = ((keys - cached.keys[0, :, exact:n]).float().pow(2).sum((0, 2))
                              + (values - cached.values[0, :, exact:n]).float().pow(2).sum((0, 2)))
-    return deviation.topk(k).indices.sort().values
+    return Plan(deviation.topk(k).indices.sort().values, counts)

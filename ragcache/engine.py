@@ -264,7 +264,8 @@ class RagCache:
                                       self.static_decode, chosen)
 
         timings["prefill"], timings["decode"] = out.prefill_s, out.decode_s
-        self.cost.measured_prefill(sum(len(s.token_ids) for s in layout if not s.cached) + len(chosen),
+        self.cost.measured_prefill(sum(len(s.token_ids) for s in layout if not s.cached)
+                                   + sum(chosen.carried) / len(chosen.carried),  # as whole tokens: token-layers / layers
                                    out.prefill_s)  # the recomputed tokens were in that pass too
         timings["total"] = time.perf_counter() - t_start
         timings["ttft"] = timings["total"] - timings["decode"]

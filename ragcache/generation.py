@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .adapter import StaticDecoder, causal_allowed, recomputing
+from .blend import Plan
 from .model import GritModel
 from .prompts import Segment, layout_allowed
 
@@ -37,10 +38,10 @@ class Generated:
 
 
 def generate(model: GritModel, layout: list[Segment], cache, n_cached: int, sampling: Sampling,
-             on_token: OnToken | None = None, static: bool = False, recompute: torch.Tensor | None = None) -> Generated:
+             on_token: OnToken | None = None, static: bool = False, recompute: Plan | None = None) -> Generated:
     """Prefill the layout's computed tokens after the `n_cached` cached ones, then decode.
 
-    `recompute`: positions of cached tokens recomputed in the same pass (blend.choose). `static`
+    `recompute`: the cached tokens recomputed in the same pass (blend.choose). `static`
     decodes at a fixed shape over the reserved cache (adapter.StaticDecoder): on a GPU the step is
     then captured once in a CUDA graph and replayed. The tokens are the same either way.
     """
@@ -54,28 +55,30 @@ def generate(model: GritModel, layout: list[Segment], cache, n_cached: int, samp
 
 @torch.inference_mode()
 def prefill(model: GritModel, layout: list[Segment], cache, n_cached: int, follow: list[int],
-            recompute: torch.Tensor | None = None) -> torch.Tensor:
+            recompute: Plan | None = None) -> torch.Tensor:
     """One pass over the layout's computed tokens, then `follow`, after the `n_cached` cached ones in
     `cache`; their last hidden states (1, q, hidden).
 
-    The cached tokens at `recompute` (k,) ride in the same pass, in front, each at its own position
-    seeing the prefix up to itself: their keys and values replace the cached ones layer by layer, so
-    the tokens after them read the repaired cache, and the weights are read once for both.
+    The cached tokens of `recompute` (blend.Plan) ride in the same pass, in front, each at its own
+    position seeing the prefix up to itself: their keys and values replace the cached ones layer by
+    layer, in as many layers as the plan carries each, so the tokens after them read the repaired
+    cache, and the weights are read once for both.
     """
     rest = [t for s in layout if not s.cached for t in s.token_ids] + follow
     device = model.device
     ids = torch.tensor(rest, device=device)[None]
     positions = torch.arange(n_cached, n_cached + len(rest), device=device)[None]
     allowed = causal_allowed(len(rest), n_cached, device)  # (1, q, n_cached + q)
-    if recompute is None or len(recompute) == 0:
+    if recompute is None or len(recompute.positions) == 0:
         return model.forward(ids, positions, allowed, cache)[0]
+    chosen = recompute.positions  # (k,)
     prefix = torch.tensor([t for s in layout if s.cached for t in s.token_ids], device=device)
     cols = torch.arange(n_cached + len(rest), device=device)
-    redo = (cols[None, :] <= recompute[:, None])[None]  # (1, k, n_cached + q): the prefix up to itself
-    hidden, _ = model.forward(torch.cat([prefix[recompute][None], ids], 1),
-                              torch.cat([recompute[None], positions], 1), torch.cat([redo, allowed], 1),
-                              recomputing(cache, recompute))
-    return hidden[:, len(recompute):]
+    redo = (cols[None, :] <= chosen[:, None])[None]  # (1, k, n_cached + q): the prefix up to itself
+    with recomputing(model.hf, cache, chosen, recompute.carried) as both:
+        hidden, _ = model.forward(torch.cat([prefix[chosen][None], ids], 1), torch.cat([chosen[None], positions], 1),
+                                  torch.cat([redo, allowed], 1), both)
+    return hidden[:, recompute.carried[-1]:]  # the recomputed tokens the last layer still carried come first
 
 
 def recompute(model: GritModel, layout: list[Segment], sampling: Sampling) -> tuple[list[int], torch.Tensor]:
@@ -138,7 +141,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 @torch.inference_mode()
 def forced_logits(model: GritModel, layout: list[Segment], cache, n_cached: int, follow: list[int],
-                  recompute: torch.Tensor | None = None) -> torch.Tensor:
+                  recompute: Plan | None = None) -> torch.Tensor:
     """(1 + len(follow), vocab) float32: the next-token logits after the layout, then after each token of
     `follow` fed in (teacher forcing), on the cached path (with `recompute` as in `prefill`)."""
     hidden = prefill(model, layout, cache, n_cached, follow, recompute)

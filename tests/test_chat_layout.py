@@ -162,10 +162,12 @@ def test_recompute_chooses_as_a_full_two_layer_pass_would_without_passing_the_ex
     deviation = sum((getattr(full.layers[1], f) - getattr(cache.layers[1], f))[0].pow(2).sum((0, 2))
                     for f in ("keys", "values"))  # (n,)
     assert deviation[:exact].max() < 1e-6 * deviation.max()  # the exact tokens cannot deviate
+    layers = model.hf.config.num_hidden_layers
     for fraction in (0.1, 0.3):
-        k = round(fraction * n)
-        assert blend.choose(model, prefix, cache, fraction).tolist() == deviation.topk(k).indices.sort().values.tolist()
-    assert blend.choose(model, prefix, cache, 1.0).tolist() == list(range(n))
+        plan = blend.choose(model, prefix, cache, fraction)
+        assert plan.carried == blend.carried(n, fraction, layers)
+        assert plan.positions.tolist() == deviation.topk(plan.carried[0]).indices.sort().values.tolist()
+    assert blend.choose(model, prefix, cache, 1.0).positions.tolist() == list(range(n))
 
 
 def test_a_damaged_chat_chunk_is_recomputed_after_the_head(chat_rc, tmp_path):
