@@ -15,9 +15,10 @@ codec's `doc` answer against raw's, beside bytes per token and TTFT.
 
 With --selections deviation,first,last,random it compares ways of choosing the tokens --recompute
 recomputes, by drift alone (first-token and teacher-forced KL, top-1): `deviation` is ragcache's
-(CacheBlend's layer-1 deviation); `first` is EPIC's first tokens of each chunk that is not already
-exact, `last` their last tokens, `random` a seeded draw among them, all at the same count
-(fewer where a chunk is shorter than its share).
+(CacheBlend's layer-1 deviation, tapering in deeper layers); `first` is EPIC's first tokens of each
+chunk that is not already exact, `last` their last tokens, `random` a seeded draw among them, those
+three recomputed in every layer, all at the same cost in token-layers (fewer where a chunk is
+shorter than its share).
 """
 
 from __future__ import annotations
