@@ -208,7 +208,7 @@ def test_sigkill_during_an_s3_backed_index_then_resume(tmp_path, many, model, mo
             size = (idx / "data.mdb").stat().st_size if (idx / "data.mdb").exists() else 0
             # LMDB holds only references here, so the moment is one of time: after it grows past its size now
             run = forks.run("index", corpus, "-i", idx, "-m", model_dir, "--chunk-tokens", "24", "--kv-store", url,
-                            sig=signal.SIGKILL, ready=idx / "data.mdb", size=size + 1, delay=rng.uniform(0.05, 1.5))
+                            sig=signal.SIGKILL, ready=idx / "data.mdb", size=size + 1, delay=rng.uniform(0.05, 0.4))
             _check_invariants(idx, model, reference, capsys)  # verify included: every reference has its object
             kills += run["signalled"]
             if not run["signalled"] or kills >= 3:
