@@ -13,6 +13,7 @@ the KV code and generation go through the functions here.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -89,9 +90,16 @@ def run_decoder(hf, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.T
     """One decoder pass with explicit positions and mask; (last hidden states (b, q, hidden), cache)."""
     cache = DynamicCache() if cache is None else cache  # never the config's sliding layers: they drop tokens
     mask = None if allowed is None else allowed_to_mask(allowed, dtype)
-    out = hf.get_decoder()(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                           use_cache=True)
-    return out.last_hidden_state, out.past_key_values
+    decoder = hf.get_decoder()
+    out = decoder(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                  **{_cache_argument(decoder): cache})
+    return out.last_hidden_state, cache  # filled in place
+
+
+def _cache_argument(decoder) -> str:
+    """The decoder's name for its cache: transformers 5.25 renamed `past_key_values` to `cache`, and the
+    old name warns on every call."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 # ---- masks -------------------------------------------------------------------------------------------
@@ -382,8 +390,9 @@ class StaticDecoder:
         self.graph = accel.StepGraph(self._forward, device)
 
     def _forward(self) -> None:
-        out = self.hf.get_decoder()(input_ids=self.ids, position_ids=self.position[None], attention_mask=self.mask,
-                                    past_key_values=self.cache, use_cache=True)
+        decoder = self.hf.get_decoder()
+        out = decoder(input_ids=self.ids, position_ids=self.position[None], attention_mask=self.mask, use_cache=True,
+                      **{_cache_argument(decoder): self.cache})
         self.hidden = out.last_hidden_state  # (1, 1, hidden)
 
     def step(self, token: int) -> torch.Tensor:
