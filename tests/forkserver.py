@@ -7,7 +7,8 @@ opens, the writer lock is taken) with its own stdout and stderr files. The paren
 so the children fork from a process with no thread pools in use.
 
 One JSON request per stdin line, one JSON reply per stdout line:
-  {"start": [args...], "out": path, "err": path}          -> {"pid": pid}
+  {"start": [args...], "out": path, "err": path, "batch_chunks": n | null}   -> {"pid": pid}
+      (batch_chunks: the child commits n chunks at a time instead of indexer.BATCH_CHUNKS)
   {"signal": n | null, "pid": pid, "ready": path | null, "size": bytes, "delay": s}
       wait until the child has written `ready` and it holds at least `size` bytes (default 1), then
       `delay` seconds, then send signal n unless the child has ended; wait for it
@@ -20,13 +21,16 @@ import signal
 import sys
 import time
 
+from ragcache import indexer
 from ragcache.cli import app
 
 
-def start(args: list[str], out: str, err: str) -> int:
+def start(args: list[str], out: str, err: str, batch_chunks: int | None) -> int:
     pid = os.fork()
     if pid:
         return pid
+    if batch_chunks:
+        indexer.BATCH_CHUNKS = batch_chunks
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in any Python, even if our starter ignored it
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -74,7 +78,7 @@ def main() -> None:
         req = json.loads(line)
         if "start" in req:
             t = time.time()
-            pid = start(req["start"], req["out"], req["err"])
+            pid = start(req["start"], req["out"], req["err"], req.get("batch_chunks"))
             started[pid] = t
             reply = {"pid": pid}
         else:

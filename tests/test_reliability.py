@@ -38,8 +38,9 @@ class Forks:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
-    def start(self, *args) -> int:
-        return self._ask(start=[str(a) for a in args], out=str(self.tmp / "out"), err=str(self.tmp / "err"))["pid"]
+    def start(self, *args, batch_chunks: int | None = None) -> int:
+        return self._ask(start=[str(a) for a in args], out=str(self.tmp / "out"), err=str(self.tmp / "err"),
+                         batch_chunks=batch_chunks)["pid"]
 
     def finish(self, pid: int, sig: int | None = None, ready: Path | None = None, size: int = 1,
                delay: float = 0.0) -> dict:
@@ -155,7 +156,9 @@ def test_readers_keep_answering_while_index_writes(tmp_path, forks, many, model,
         rc.index([corpus_dir], chunk_tokens=24)
         first = rc.store.count()
         client = TestClient(create_app(rc))
-        pid = forks.start("index", corpus, "-i", idx, "--chunk-tokens", "24")
+        # commits of 4 chunks: with the default 64 the writer's 120 chunks land in two commits, and a reader
+        # iteration slowed by the writer could see none between them
+        pid = forks.start("index", corpus, "-i", idx, "--chunk-tokens", "24", batch_chunks=4)
         counts, refused = [], False
         deadline = time.monotonic() + 120
         while rc.store.count() < first + sum(map(len, reference.values())):
