@@ -8,9 +8,10 @@ of the cache as it is.
 Deviation is measured where it first appears: layer 0's keys and values depend on a token alone,
 so they are equal either way; layer 1's depend on layer 0's attention. One pass through layer 0,
 stopped inside layer 1 once its keys and values exist, gives the full-attention KV of layer 1,
-compared token by token with the cached one (keys and values, L2). The leading segments whose cache already is the full pass's (the chat head
-and the chunk right after it, or a causal first chunk) are read from the cache, not passed again:
-they cannot deviate, so the pass covers only the tokens after them.
+compared token by token with the cached one (keys and values, L2). The leading segments whose
+cache already is the full pass's (the chat head and the chunk right after it, or a causal first
+chunk) are read from the cache, not passed again: they cannot deviate, so the pass covers only the
+tokens after them.
 
 CacheBlend's gradual filtering spends the recompute where it still matters: layer 1 chooses more
 tokens than the fraction, and each deeper layer carries on only those whose keys and values still
@@ -94,7 +95,8 @@ def choose(model: GritModel, prefix: list[Segment], cache, fraction: float) -> P
         pos = torch.arange(exact, n, device=device)[None]
         full = adapter.first_layers_kv(model.hf, ids, pos, adapter.causal_allowed(n - exact, exact, device),
                                        model.dtype, 2, past)
-        keys, values = full.layers[1].keys[0, :, exact:], full.layers[1].values[0, :, exact:]  # (kv_heads, n-exact, head_dim)
+        # (kv_heads, n - exact, head_dim)
+        keys, values = full.layers[1].keys[0, :, exact:], full.layers[1].values[0, :, exact:]
         cached = cache.layers[1]
         deviation[exact:] = ((keys - cached.keys[0, :, exact:n]).float().pow(2).sum((0, 2))
                              + (values - cached.values[0, :, exact:n]).float().pow(2).sum((0, 2)))
