@@ -81,7 +81,9 @@ def main() -> None:
             return compare_codecs(model, embedder, corpus, questions, args, tmp)
         if args.selections:
             return compare_selections(model, embedder, corpus, questions, args, tmp)
-        rows = []
+        rows, matched = [], {}  # matched: each config's per-question Match, for the flips against rag
+        answers_dir = args.out / f"fidelity-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+        answers_dir.mkdir(parents=True, exist_ok=True)
         with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
             t = time.perf_counter()
             stats = rc.index([corpus], chunk_tokens=512)  # a chunk a paragraph
@@ -89,11 +91,13 @@ def main() -> None:
             rc.ask(questions[0]["question"], mode="doc", top_k=args.top_k, max_new_tokens=2)  # warm-up
             for label, config in configs:
                 t = time.perf_counter()
-                with open(tmp / "per-question.jsonl", "w") as out:
+                per_question = answers_dir / f"{label.replace(' --', '-').replace(' ', '-')}.jsonl"
+                with open(per_question, "w") as out:
                     [row] = evaluate.qa(rc, questions, config["modes"], out, top_k=args.top_k,
                                         max_new_tokens=args.max_new_tokens, order=config.get("order", "doc-first"),
                                         with_fidelity=True, recompute=config.get("recompute", 0.0))
                 rows.append(row | {"config": label})
+                matched[label] = [json.loads(line)["match"] > 0 for line in per_question.open()]
                 print(f"  {label:<22} Match {row['match']:5.1f}  first-token KL {row['kl_first']:.4f}  "
                       f"TTFT {row['ttft_ms_median']:6.1f} ms  ({time.perf_counter() - t:.0f} s)", flush=True)
 
@@ -103,6 +107,13 @@ def main() -> None:
                   f"{100 * r['top1_first']:.1f}", f"{r['kl_answer']:.4f}", f"{100 * r['top1_answer']:.1f}",
                   f"{r['ttft_ms_median']:.1f}"] for r in rows]))
     save(args.out, "fidelity", rows)
+    print(f"\nanswers per question in {answers_dir}")
+    if "rag doc-first" in matched:  # Match moves by single questions: which ones, against rag
+        for label, hits in matched.items():
+            lost = sum(r and not h for r, h in zip(matched["rag doc-first"], hits))
+            gained = sum(h and not r for r, h in zip(matched["rag doc-first"], hits))
+            if label != "rag doc-first":
+                print(f"  {label:<22} misses {lost:3d} that rag matches, matches {gained:3d} that rag misses")
     by = {r["config"]: r for r in rows}
     if "rag doc-first" not in by or "doc" not in by:
         return  # the target compares doc's rows with these two, from the same run
