@@ -39,6 +39,7 @@ from ragcache import GritModel, RagCache, blend, evaluate, fidelity
 from ragcache.embedder import Embedder
 
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad-v2-sample" / "dev-first5articles.json"
+STAMP = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")  # one per run: names its summary and its answers
 CONFIGS = [("none", {"modes": ["none"]}), ("rag doc-first", {"modes": ["rag"], "order": "doc-first"}),
            ("rag query-first", {"modes": ["rag"], "order": "query-first"}), ("query", {"modes": ["query"]}),
            ("doc", {"modes": ["doc"]}), ("query-doc", {"modes": ["query-doc"]}), ("doc-query", {"modes": ["doc-query"]})]
@@ -82,7 +83,7 @@ def main() -> None:
         if args.selections:
             return compare_selections(model, embedder, corpus, questions, args, tmp)
         rows, matched = [], {}  # matched: each config's per-question Match, for the flips against rag
-        answers_dir = args.out / f"fidelity-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+        answers_dir = args.out / f"fidelity-{STAMP}"  # beside fidelity-{STAMP}.json, the summary
         answers_dir.mkdir(parents=True, exist_ok=True)
         with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
             t = time.perf_counter()
@@ -110,9 +111,9 @@ def main() -> None:
     print(f"\nanswers per question in {answers_dir}")
     if "rag doc-first" in matched:  # Match moves by single questions: which ones, against rag
         for label, hits in matched.items():
-            lost = sum(r and not h for r, h in zip(matched["rag doc-first"], hits))
-            gained = sum(h and not r for r, h in zip(matched["rag doc-first"], hits))
             if label != "rag doc-first":
+                lost = sum(r and not h for r, h in zip(matched["rag doc-first"], hits))
+                gained = sum(h and not r for r, h in zip(matched["rag doc-first"], hits))
                 print(f"  {label:<22} misses {lost:3d} that rag matches, matches {gained:3d} that rag misses")
     by = {r["config"]: r for r in rows}
     if "rag doc-first" not in by or "doc" not in by:
@@ -234,10 +235,9 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def save(out: Path, name: str, rows: list[dict]) -> None:
-    """The rows as JSON under `out`, stamped with the time and the command line."""
+    """The rows as JSON under `out`, stamped with the time the run began and the command line."""
     out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    (out / f"{name}-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
+    (out / f"{name}-{STAMP}.json").write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
