@@ -31,6 +31,8 @@ GpuCacheOpt = typer.Option(None, "--gpu-cache-gb", envvar="RAGCACHE_GPU_CACHE_GB
                            "caches (LRU; default: none for ask, half the free memory for serve and eval)")
 RecomputeOpt = typer.Option(0.0, "--recompute", help="Fraction (0-1) of the cached tokens to recompute with "
                             "full attention, those whose KV deviates most (CacheBlend); 1 equals rag")
+ChunkOrderOpt = typer.Option("best-first", "--chunk-order", help="best-first or best-last: the top-ranked chunk "
+                             "right after the head, or right before the question (sources stay listed by rank)")
 LocalCacheOpt = typer.Option(None, "--local-cache-gb", envvar="RAGCACHE_LOCAL_CACHE_GB", help="Local disk for "
                              "chunk caches read from an object store (LRU under the home, kept across runs; "
                              f"default {config.DEFAULT_LOCAL_CACHE_GB:g})")
@@ -228,11 +230,13 @@ def ask(
     host_cache_gb: Optional[float] = HostCacheOpt,
     local_cache_gb: Optional[float] = LocalCacheOpt,
     recompute: float = RecomputeOpt,
+    chunk_order: str = ChunkOrderOpt,
 ) -> None:
     """Answer QUESTION from the index, citing the sources."""
     from .prompts import Templates
     vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)  # before a model loads
     vocab.fraction(recompute, "recompute")
+    vocab.chunk_order(chunk_order)
     _check_tier_sizes(gpu_cache_gb, host_cache_gb, local_cache_gb)
     tmpl = Templates.load(templates)
     rc = _open(index, model, device, dtype, create=False)
@@ -241,7 +245,7 @@ def ask(
         stream = None if as_json else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         answer = rc.ask(question, mode=mode, top_k=top_k, order=order, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed, templates=tmpl, on_token=stream,
-                        recompute=recompute)
+                        recompute=recompute, chunk_order=chunk_order)
         if as_json:
             typer.echo(json.dumps(answer.to_dict()))
             return
@@ -483,6 +487,7 @@ def eval_qa(
     with_fidelity: bool = typer.Option(False, "--fidelity", help="Also measure each mode's drift from the full "
                                        "recompute of its layout: first-token and teacher-forced KL and top-1"),
     recompute: float = RecomputeOpt,
+    chunk_order: str = ChunkOrderOpt,
     gpu_cache_gb: Optional[float] = GpuCacheOpt,
     host_cache_gb: Optional[float] = HostCacheOpt,
     local_cache_gb: Optional[float] = LocalCacheOpt,
@@ -494,6 +499,7 @@ def eval_qa(
     from .store import check
     chosen = vocab.modes(modes)
     vocab.order(order)
+    vocab.chunk_order(chunk_order)
     vocab.fraction(recompute, "recompute")
     _check_tier_sizes(gpu_cache_gb, host_cache_gb, local_cache_gb)
     if limit is not None and limit < 1:
@@ -506,7 +512,7 @@ def eval_qa(
         with bar(not as_json and sys.stderr.isatty(), "answers", len(items) * len(chosen)) as advance:
             summary = evaluate.qa(rc, items, chosen, f, top_k=top_k, max_new_tokens=max_new_tokens, order=order,
                                   advance=advance, templates=tmpl, recompute=recompute,
-                                  with_fidelity=with_fidelity)
+                                  with_fidelity=with_fidelity, chunk_order=chunk_order)
     typer.echo(json.dumps({"modes": summary, "per_question": str(out)}) if as_json
                else evaluate.qa_table(summary) + f"\nper-question results: {out}")
 

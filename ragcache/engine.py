@@ -233,13 +233,16 @@ class RagCache:
     def ask(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
             templates: Templates | None = None, on_token: OnToken | None = None,
-            ignore_eos: bool = False, recompute: float = 0.0) -> Answer:
+            ignore_eos: bool = False, recompute: float = 0.0, chunk_order: str = "best-first") -> Answer:
         """Answer `question` in `mode`; `order` applies to mode='rag'.
 
         `on_token` gets each new piece of text; returning True stops generation there. `recompute`
         (0 to 1) recomputes that fraction of the cached tokens with full attention (blend.py).
+        `chunk_order` places the top-ranked chunk first (right after the head) or last (right
+        before the question); the sources are listed by rank either way.
         """
         vocab.fraction(recompute, "recompute")
+        arranged = vocab.chunk_order(chunk_order)
         mode, order = vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)
         self._check_question(question, max_new_tokens, mode)
         kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
@@ -248,8 +251,8 @@ class RagCache:
         t_start = time.perf_counter()
 
         query, hits = self._retrieve(question, mode, top_k, kv_attention, timings)
-        layout, hits = self._layout(mode, order, question, query, hits, templates or Templates(), kv_attention,
-                                    max_new_tokens)
+        layout, hits = self._layout(mode, order, arranged, question, query, hits, templates or Templates(),
+                                    kv_attention, max_new_tokens)
         t = time.perf_counter()
         room = sum(len(s.token_ids) for s in layout if not s.cached) + max_new_tokens
         sampling = Sampling(max_new_tokens, temperature, top_p, seed, ignore_eos)
@@ -286,16 +289,18 @@ class RagCache:
         return counts
 
     def fidelity(self, question: str, mode: str = "doc", top_k: int = 3, order: str = "doc-first",
-                 reference: str = "", templates: Templates | None = None, recompute: float = 0.0) -> Drift:
+                 reference: str = "", templates: Templates | None = None, recompute: float = 0.0,
+                 chunk_order: str = "best-first") -> Drift:
         """How far `mode`'s next-token distributions drift from the full recompute of its layout order,
         at the first answer token and over `reference` (the gold answer) fed in token by token."""
+        arranged = vocab.chunk_order(chunk_order)
         follow = self.model.tokenize(reference)[:-1] if reference else []
         mode, order = vocab.ask_arguments(question, mode, order, top_k, 1 + len(follow))
         self._check_question(question, 1 + len(follow), mode)
         kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
         query, hits = self._retrieve(question, mode, top_k, kv_attention, {})
-        layout, _ = self._layout(mode, order, question, query, hits, templates or Templates(), kv_attention,
-                                 1 + len(follow))
+        layout, _ = self._layout(mode, order, arranged, question, query, hits, templates or Templates(),
+                                 kv_attention, 1 + len(follow))
         room = sum(len(s.token_ids) for s in layout if not s.cached) + len(follow)
         with kvload.load_prefix(layout, self.kv_source, self.stored, self.model, kv_attention, self.frame,
                                 self._computed(layout, query), room, self.cost) as loaded:
@@ -343,15 +348,16 @@ class RagCache:
         timings["search"] = time.perf_counter() - t
         return query, hits
 
-    def _layout(self, mode: vocab.Mode, order: vocab.Order, question: str, query: Encoded | None, hits: list[Hit],
-                templates: Templates, kv_attention: vocab.Attention,
+    def _layout(self, mode: vocab.Mode, order: vocab.Order, chunk_order: vocab.ChunkOrder, question: str,
+                query: Encoded | None, hits: list[Hit], templates: Templates, kv_attention: vocab.Attention,
                 max_new_tokens: int) -> tuple[list[Segment], list[Hit]]:
         """The layout, with the lowest-ranked documents dropped whole until it fits the model's context."""
         chunks = [self.stored.chunk(h.chunk_id) for h in hits]
         docs = [Doc(h.chunk_id, prompts.passage(c.title, c.text), c.token_ids) for h, c in zip(hits, chunks)]
         query_ids = query.token_ids if query else []
         while True:
-            layout = prompts.build_layout(mode, order, question, query_ids, docs, self.model.tokenizer, templates,
+            placed = docs if chunk_order == "best-first" else docs[::-1]
+            layout = prompts.build_layout(mode, order, question, query_ids, placed, self.model.tokenizer, templates,
                                           kv_attention, self.frame)
             length = sum(len(s.token_ids) for s in layout) + max_new_tokens
             if length <= self.model.max_context:

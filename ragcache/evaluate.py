@@ -162,7 +162,7 @@ def retrieval_table(result: dict) -> str:
 # ---- answers -----------------------------------------------------------------------------------
 def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k: int = 1, max_new_tokens: int = 16,
        order: str = "doc-first", advance: Callable[[int], None] = lambda n: None, with_fidelity: bool = False,
-       **ask_kwargs) -> list[dict]:
+       chunk_order: str = "best-first", **ask_kwargs) -> list[dict]:
     """Answer every question in every mode (questions outermost, so partial runs compare fairly).
 
     The defaults are the GRIT paper's reference setting: the top document only, 16 new tokens, greedy.
@@ -174,12 +174,12 @@ def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k
     for n, item in enumerate(questions):
         for mode in modes:
             ans = rc.ask(item["question"], mode=mode, top_k=top_k, order=order, max_new_tokens=max_new_tokens,
-                         **ask_kwargs)
+                         chunk_order=chunk_order, **ask_kwargs)
             scores = metrics.qa_scores(ans.answer, item["answers"])
             if with_fidelity:
                 scores |= rc.fidelity(item["question"], mode=mode, top_k=top_k, order=order,
                                       reference=item["answers"][0], templates=ask_kwargs.get("templates"),
-                                      recompute=ask_kwargs.get("recompute", 0.0)).to_dict()
+                                      recompute=ask_kwargs.get("recompute", 0.0), chunk_order=chunk_order).to_dict()
             rows[mode].append(scores | {"timings_ms": ans.timings_ms})
             out.write(json.dumps({"index": n, "mode": mode, "question": item["question"], "answers": item["answers"],
                                   "prediction": ans.answer, **scores,

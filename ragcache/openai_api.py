@@ -107,6 +107,7 @@ class RagOptions(BaseModel):
     sources_in_text: bool = False  # also close the message with the sources block (they return in chat history)
     recompute: float = Field(0.0, ge=0, le=1)  # fraction of cached tokens recomputed with full attention
     order: str = "doc-first"
+    chunk_order: str = "best-first"  # or best-last: the top-ranked chunk right before the question
 
 
 class StreamOptions(_Body):

@@ -202,7 +202,7 @@ class Doc:
 
 def build_layout(mode: Mode, order: Order, query: str, query_ids: list[int], docs: list[Doc], tokenizer,
                  templates: Templates, kv_attention: Attention, frame: Frame = GRIT) -> list[Segment]:
-    """Segments for one question, docs best first; `query_ids` are the question's segment tokens."""
+    """Segments for one question, docs in the order given; `query_ids` are the question's segment tokens."""
     if frame.style == "chat" and mode != "none":
         return _chat_layout(mode, order, query, query_ids, docs, tokenizer, templates, kv_attention, frame)
     t = templates

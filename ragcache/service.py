@@ -188,7 +188,7 @@ class Service:
                 chat.question, mode=rag.mode, top_k=rag.top_k, order=rag.order, max_new_tokens=chat.max_tokens,
                 temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed,
                 templates=None if chat.rag else Templates.chat(), ignore_eos=chat.ignore_eos,
-                recompute=rag.recompute,
+                recompute=rag.recompute, chunk_order=rag.chunk_order,
                 on_token=on_token if emit is not None or chat.stops or cancel is not None else None)
         tail = text.flush()
         if tail and emit is not None:
@@ -215,6 +215,7 @@ def _check_rag(rag: RagOptions, limits: Limits) -> None:
     try:
         vocab.mode(rag.mode)
         vocab.order(rag.order)
+        vocab.chunk_order(rag.chunk_order)
     except RagcacheError as e:
         raise ApiError(400, str(e), param=f"rag.{e.param}") from None
     if rag.top_k > limits.max_top_k:

@@ -13,6 +13,7 @@ from .errors import RagcacheError
 
 Mode = Literal["none", "rag", "query", "doc", "query-doc", "doc-query"]
 Order = Literal["doc-first", "query-first"]
+ChunkOrder = Literal["best-first", "best-last"]  # where the top-ranked chunk sits among the retrieved ones
 Attention = Literal["bidirectional", "causal"]
 KVCodec = Literal["raw", "fp8", "int8", "int4"]  # how chunk caches are stored (kv.py, quant.py)
 Style = Literal["grit", "chat"]  # how cached segments are laid out: GRIT's paper formats, or a chat template
@@ -20,6 +21,7 @@ VectorIndex = Literal["flat", "ivfpq"]  # the FAISS view (vectors.py): exact, or
 
 MODES: tuple[Mode, ...] = get_args(Mode)
 ORDERS: tuple[Order, ...] = get_args(Order)
+CHUNK_ORDERS: tuple[ChunkOrder, ...] = get_args(ChunkOrder)
 ATTENTIONS: tuple[Attention, ...] = get_args(Attention)
 STYLES: tuple[Style, ...] = get_args(Style)
 KV_CODECS: tuple[KVCodec, ...] = get_args(KVCodec)
@@ -41,6 +43,10 @@ def mode(value: str) -> Mode:
 
 def order(value: str) -> Order:
     return _parse(value, ORDERS, "order", "order")
+
+
+def chunk_order(value: str) -> ChunkOrder:
+    return _parse(value, CHUNK_ORDERS, "chunk order", "chunk_order")
 
 
 def attention(value: str) -> Attention:

@@ -3,6 +3,7 @@ user turn, after a fixed preamble that every chunk's cache was computed after (p
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,6 +141,33 @@ def test_one_causal_chunk_cached_is_rag_and_recompute_one_is_rag(chat_rc):
             one = chat_rc.ask(QUESTION, mode="doc", top_k=1, max_new_tokens=8, ignore_eos=True, recompute=fraction)
             assert one.token_ids == rag1.token_ids
             assert (one.first_logits - rag1.first_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["rag", "doc", "doc-query"])
+def test_best_last_places_the_top_chunk_before_the_question_and_keeps_the_contract(chat_rc, mode):
+    """--chunk-order best-last reverses the chunks in the layout, not the sources; the cached path is
+    still its layout's reference, and recompute 1 is still rag in the same chunk order."""
+    kw = dict(top_k=3, max_new_tokens=8, ignore_eos=True)
+    first = chat_rc.ask(QUESTION, mode=mode, **kw)
+    last = chat_rc.ask(QUESTION, mode=mode, chunk_order="best-last", **kw)
+    placed = lambda a: [s.chunk_id for s in a.layout if s.kind == "doc"]
+    assert len(set(placed(first))) == 3
+    assert placed(last) == placed(first)[::-1] == [s.chunk_id for s in last.sources][::-1]
+    assert [s.rank for s in last.sources] == [1, 2, 3] and last.sources == first.sources
+    if mode == "rag":
+        tokens, logits = chat_rc.recompute(last.layout, max_new_tokens=8, ignore_eos=True)
+        assert last.token_ids == tokens and (last.first_logits - logits).abs().max().item() < 1e-3
+    else:
+        by_hand = _each_segment_after_the_head(chat_rc, last.layout)
+        assert (last.first_logits - by_hand).abs().max().item() < 1e-3
+        rag = chat_rc.ask(QUESTION, mode="rag", chunk_order="best-last", **kw)
+        full = chat_rc.ask(QUESTION, mode=mode, chunk_order="best-last", recompute=1.0, **kw)
+        if mode == "doc":
+            assert full.token_ids == rag.token_ids
+            assert (full.first_logits - rag.first_logits).abs().max().item() < 1e-4
+        causal = [replace(s, cached=False, attention="causal", context=0) for s in last.layout]
+        tokens, _ = chat_rc.recompute(causal, max_new_tokens=8, ignore_eos=True)  # one causal pass over it all
+        assert full.token_ids == tokens
 
 
 def test_recompute_chooses_as_a_full_two_layer_pass_would_without_passing_the_exact_tokens(chat_rc):

@@ -69,6 +69,7 @@ def test_templates_override(index, tmp_path):
     (["ask", "q", "-k", "0"], "top-k must be at least 1"),
     (["ask", "q", "-k", "-3"], "top-k must be at least 1"),
     (["ask", "q", "--order", "up"], "unknown order"),
+    (["ask", "q", "--chunk-order", "worst-first"], "unknown chunk order"),
 ])
 def test_bad_ask_input(index, args, message):
     result = run(*args, "-i", index)

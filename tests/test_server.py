@@ -263,6 +263,7 @@ def _chat(**body):
     (_chat(temperature=-1), 400, "temperature"),
     (_chat(rag={"mode": "bogus"}), 400, "unknown mode 'bogus'"),
     (_chat(rag={"mode": "rag", "order": "sideways"}), 400, "unknown order"),
+    (_chat(rag={"mode": "doc", "chunk_order": "worst-first"}), 400, "unknown chunk order 'worst-first'"),
     (_chat(rag={"top_k": 0}), 400, "top_k"),
     (_chat(rag={"top_k": 5}), 400, "more than this server's limit of 4"),
     (_chat(rag={"topk": 2}), 400, "rag.topk"),
