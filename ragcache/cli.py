@@ -234,9 +234,8 @@ def ask(
 ) -> None:
     """Answer QUESTION from the index, citing the sources."""
     from .prompts import Templates
-    vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)  # before a model loads
+    vocab.ask_arguments(question, mode, order, top_k, max_new_tokens, chunk_order)  # before a model loads
     vocab.fraction(recompute, "recompute")
-    vocab.chunk_order(chunk_order)
     _check_tier_sizes(gpu_cache_gb, host_cache_gb, local_cache_gb)
     tmpl = Templates.load(templates)
     rc = _open(index, model, device, dtype, create=False)

@@ -242,8 +242,7 @@ class RagCache:
         before the question); the sources are listed by rank either way.
         """
         vocab.fraction(recompute, "recompute")
-        arranged = vocab.chunk_order(chunk_order)
-        mode, order = vocab.ask_arguments(question, mode, order, top_k, max_new_tokens)
+        mode, order, arranged = vocab.ask_arguments(question, mode, order, top_k, max_new_tokens, chunk_order)
         self._check_question(question, max_new_tokens, mode)
         kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
         timings = dict.fromkeys(("embed", "search", "kv_load", "recompute", "prefill", "decode", "ttft", "total"),
@@ -293,9 +292,8 @@ class RagCache:
                  chunk_order: str = "best-first") -> Drift:
         """How far `mode`'s next-token distributions drift from the full recompute of its layout order,
         at the first answer token and over `reference` (the gold answer) fed in token by token."""
-        arranged = vocab.chunk_order(chunk_order)
         follow = self.model.tokenize(reference)[:-1] if reference else []
-        mode, order = vocab.ask_arguments(question, mode, order, top_k, 1 + len(follow))
+        mode, order, arranged = vocab.ask_arguments(question, mode, order, top_k, 1 + len(follow), chunk_order)
         self._check_question(question, 1 + len(follow), mode)
         kv_attention = self.meta.kv_attention if self.meta else "bidirectional"
         query, hits = self._retrieve(question, mode, top_k, kv_attention, {})

@@ -88,10 +88,10 @@ def at_least(value: int | float, low: int | float, what: str, param: str) -> Non
         raise RagcacheError(f"{what} must be at least {low} (got {value})", param=param)
 
 
-def ask_arguments(question: str, mode_name: str, order_name: str, top_k: int,
-                  max_new_tokens: int) -> tuple[Mode, Order]:
-    """Check a question's arguments, none of which needs the model: the parsed mode and order."""
-    parsed = mode(mode_name), order(order_name)
+def ask_arguments(question: str, mode_name: str, order_name: str, top_k: int, max_new_tokens: int,
+                  chunk_order_name: str = "best-first") -> tuple[Mode, Order, ChunkOrder]:
+    """Check a question's arguments, none of which needs the model: the parsed mode and both orders."""
+    parsed = mode(mode_name), order(order_name), chunk_order(chunk_order_name)
     if not question or not question.strip():
         raise RagcacheError("the question is empty", param="question")
     at_least(top_k, 1, "top-k", "top_k")
