@@ -11,7 +11,9 @@ first gold answer), and the median CPU time to first token.
 
 With --chunk-orders best-first,best-last every row runs in each chunk order (ask --chunk-order),
 labelled with the order when it is not best-first; --offset 300 starts at the 301st question, to
-confirm on questions that chose nothing.
+confirm on questions that chose nothing. Each row's answers are compared question by question with
+`rag` doc-first in the same chunk order: the questions each side matches that the other misses, and a
+paired 95% interval for the Match difference, which says what this many questions can tell apart.
 
 With --codecs raw,fp8,int8,int4 it measures instead what each KV codec costs in `doc` mode: one index
 per codec, and per question EM, Match and F1, and the first-token KL and top-1 agreement of the
@@ -110,7 +112,7 @@ def main() -> None:
                                         chunk_order=config["chunk_order"])
                 rows.append(row | {"config": label, "chunk_order": config["chunk_order"], "recompute": config.get("recompute")})
                 matched[label] = [json.loads(line)["match"] > 0 for line in per_question.open()]
-                print(f"  {label:<22} Match {row['match']:5.1f}  first-token KL {row['kl_first']:.4f}  "
+                print(f"  {label:<30} Match {row['match']:5.1f}  first-token KL {row['kl_first']:.4f}  "
                       f"TTFT {row['ttft_ms_median']:6.1f} ms  ({time.perf_counter() - t:.0f} s)", flush=True)
 
     print(table(["config", "EM", "Match", "F1", "first-token KL", "first-token top-1 %", "answer KL", "answer top-1 %",
@@ -120,12 +122,14 @@ def main() -> None:
                   f"{r['ttft_ms_median']:.1f}"] for r in rows]))
     save(args.out, "fidelity", rows)
     print(f"\nanswers per question in {answers_dir}")
-    if "rag doc-first" in matched:  # Match moves by single questions: which ones, against rag
-        for label, hits in matched.items():
-            if label != "rag doc-first":
-                lost = sum(r and not h for r, h in zip(matched["rag doc-first"], hits))
-                gained = sum(h and not r for r, h in zip(matched["rag doc-first"], hits))
-                print(f"  {label:<22} misses {lost:3d} that rag matches, matches {gained:3d} that rag misses")
+    # Match moves by single questions: which ones, against rag in the row's own order, and how far
+    # the difference could be from what this many questions measured (a paired 95% interval).
+    for label, config in configs:
+        ref = "rag doc-first" + _tag(config["chunk_order"])
+        if label in matched and ref in matched and label != ref:
+            lost, gained, low, high = paired(matched[ref], matched[label])
+            print(f"  {label:<34} misses {lost:3d} that {ref} matches, matches {gained:3d} it misses: Match "
+                  f"{100 * (gained - lost) / len(matched[label]):+.1f} points, 95% interval {low:+.1f} to {high:+.1f}")
     by = {r["config"]: r for r in rows}
     # The target: a recompute row at most 1 Match point below rag doc-first best first (the issue's
     # reference; rag of the row's own order when best first was not run), keeping 80% of the TTFT win
@@ -146,6 +150,17 @@ def main() -> None:
                 print(f"{'PASS' if ok else 'FAIL'}  {r['config']}: Match {r['match'] - reference['match']:+.1f} points of "
                       f"{reference['config']} (target: at most 1 below){same}, keeps {100 * kept:.0f}% of doc's TTFT "
                       f"win (target >= 80%)")
+
+
+def paired(reference: list[bool], hits: list[bool]) -> tuple[int, int, float, float]:
+    """Questions `reference` matched that `hits` missed and the reverse, and a 95% interval (normal
+    approximation, in Match points) for the difference of the two rows on the same questions."""
+    lost = sum(r and not h for r, h in zip(reference, hits))
+    gained = sum(h and not r for r, h in zip(reference, hits))
+    n = len(hits)
+    mean = (gained - lost) / n
+    spread = 1.96 * ((lost + gained - n * mean * mean) / (n - 1) / n) ** 0.5 if n > 1 else float("inf")
+    return lost, gained, 100 * (mean - spread), 100 * (mean + spread)
 
 
 def _tag(order: str) -> str:
