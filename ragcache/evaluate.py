@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
@@ -190,7 +191,13 @@ def qa(rc: RagCache, questions: list[dict], modes: list[str], out: TextIO, top_k
                                   "timings_ms": ans.timings_ms}) + "\n")
             out.flush()
             advance(1)
-    return [_summary(mode, rows[mode]) for mode in modes]
+    summary = [_summary(mode, rows[mode]) for mode in modes]
+    if "rag" in modes:  # what caching approximates: each other mode against it, question by question
+        rag = [r["match"] > 0 for r in rows["rag"]]
+        for s in summary:
+            if s["mode"] != "rag":
+                s["vs_rag"] = asdict(metrics.paired(rag, [r["match"] > 0 for r in rows[s["mode"]]]))
+    return summary
 
 
 def _summary(mode: str, rows: list[dict]) -> dict:
@@ -205,13 +212,18 @@ def _summary(mode: str, rows: list[dict]) -> dict:
 
 def qa_table(summary: list[dict]) -> str:
     drift = "kl_first" in summary[0]
-    head = "| mode | questions | EM | Match | F1 | TTFT ms (median) | total ms (median) | total ms (mean) | total ms (p90) |"
+    vs_rag = any("vs_rag" in s for s in summary)
+    head = "| mode | questions | EM | Match | F1 |"
+    head += " Match vs rag (95% interval) |" if vs_rag else ""
+    head += " TTFT ms (median) | total ms (median) | total ms (mean) | total ms (p90) |"
     head += " first-token KL | first-token top-1 | answer KL | answer top-1 |" if drift else ""
-    lines = [head, "| --- |" + " ---: |" * (12 if drift else 8)]
+    lines = [head, "| --- |" + " ---: |" * (head.count("|") - 2)]
     for s in summary:
-        line = (f"| {s['mode']} | {s['questions']} | {s['em']:.2f} | {s['match']:.2f} | {s['f1']:.2f} | "
-                f"{s['ttft_ms_median']:.1f} | {s['total_ms_median']:.1f} | {s['total_ms_mean']:.1f} | "
-                f"{s['total_ms_p90']:.1f} |")
+        line = f"| {s['mode']} | {s['questions']} | {s['em']:.2f} | {s['match']:.2f} | {s['f1']:.2f} |"
+        if vs_rag:
+            line += f" {metrics.Paired(**s['vs_rag'])} |" if "vs_rag" in s else " |"
+        line += (f" {s['ttft_ms_median']:.1f} | {s['total_ms_median']:.1f} | {s['total_ms_mean']:.1f} | "
+                 f"{s['total_ms_p90']:.1f} |")
         if drift:
             line += (f" {s['kl_first']:.4f} | {100 * s['top1_first']:.1f} | {s['kl_answer']:.4f} | "
                      f"{100 * s['top1_answer']:.1f} |")

@@ -11,6 +11,11 @@ Answers. The SQuAD normalisation (lowercase, no ASCII punctuation, no articles, 
 and the GRIT paper's reference scoring (rag/tasks/evaluation.py in ContextualAI/gritlm): exact match,
 Match (the normalised gold answer is a substring of the normalised prediction) and token F1. Over
 several gold answers a question keeps the best (EM, Match, F1) triple, compared in that order.
+
+Comparing two ways of answering the same questions. Their Match scores differ by single questions, so
+`paired` counts the questions each side matches that the other misses and gives a 95% interval for the
+difference (normal approximation over the per-question differences): what the questions asked can tell
+apart, which the two scores alone do not say.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import re
 import string
 from collections import Counter
+from dataclasses import dataclass
 
 RECALL_KS = (1, 5, 10, 100)
 CUTOFF = 10  # the k of nDCG, MAP and MRR
@@ -102,3 +108,32 @@ def qa_scores(prediction: str, golds: list[str]) -> dict[str, float]:
     """EM, Match and F1 against the gold answer whose (EM, Match, F1) is best, as the reference does."""
     best = max((exact_match(prediction, g), match(prediction, g), f1(prediction, g)) for g in golds)
     return dict(zip(QA_NAMES, best))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """`hits` against `reference` on the same questions; the difference and its interval in points."""
+
+    lost: int  # questions reference matches and hits misses
+    gained: int  # questions hits matches and reference misses
+    difference: float  # Match of hits minus Match of reference
+    low: float | None  # the 95% interval of the difference; None from a single question
+    high: float | None
+
+    def __str__(self) -> str:
+        interval = "one question" if self.low is None else f"{self.low:+.1f} to {self.high:+.1f}"
+        return f"{self.difference:+.1f} ({interval})"
+
+
+def paired(reference: list[bool], hits: list[bool]) -> Paired:
+    """Match of `hits` against `reference`, question by question (both in the same question order)."""
+    if len(reference) != len(hits) or not hits:
+        raise ValueError(f"paired needs the same questions on both sides (got {len(reference)} and {len(hits)})")
+    lost = sum(r and not h for r, h in zip(reference, hits))
+    gained = sum(h and not r for r, h in zip(reference, hits))
+    n = len(hits)
+    mean = (gained - lost) / n  # the per-question differences are -1, 0 or 1
+    if n == 1:
+        return Paired(lost, gained, 100 * mean, None, None)
+    spread = 1.96 * math.sqrt((lost + gained - n * mean * mean) / (n - 1) / n)
+    return Paired(lost, gained, 100 * mean, 100 * (mean - spread), 100 * (mean + spread))

@@ -1,6 +1,7 @@
 """The two-model baseline (--embedder) and both eval commands, on tiny random models."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -187,6 +188,12 @@ def test_cli_eval_qa(tmp_path, model_dir, corpus_dir):
     assert [s["mode"] for s in summary] == ["doc"] and summary[0]["questions"] == len(rows) == 1
     assert [summary[0][k] for k in metrics.QA_NAMES] == [100 * rows[0][k] for k in metrics.QA_NAMES]
     assert summary[0]["total_ms_median"] == rows[0]["timings_ms"]["total"]
+    assert "vs rag" not in result.stdout  # no rag asked, nothing to compare with
+    table = run("eval", "qa", "-i", index, "--questions", questions, "--modes", "rag,doc", "--limit", 2,
+                "--max-new-tokens", 2, "--out", out).stdout.splitlines()
+    assert "| Match vs rag (95% interval) |" in table[0] and table[1].count("|") == table[0].count("|")
+    assert table[2].startswith("| rag |") and table[2].split("|")[6] == " "
+    assert re.fullmatch(r" [+-]\d+\.\d \([+-]\d+\.\d to [+-]\d+\.\d\) ", table[3].split("|")[6])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -249,6 +256,9 @@ def test_eval_qa_reads_squad_json_and_measures_fidelity(tmp_path, model_dir, cor
     rag, doc = json.loads(result.stdout)["modes"]
     assert rag["kl_first"] < 1e-6 and rag["top1_answer"] == 1.0  # the full recompute of its own layout
     assert doc["kl_first"] > 0
+    assert "vs_rag" not in rag and set(doc["vs_rag"]) == {"lost", "gained", "difference", "low", "high"}
+    asked = [json.loads(line) for line in out.read_text().splitlines()]
+    assert doc["vs_rag"]["difference"] == 100 * (asked[1]["match"] - asked[0]["match"])
     assert {"kl_first", "top1_first", "kl_answer", "top1_answer"} <= set(json.loads(out.read_text().splitlines()[1]))
     table = run("eval", "qa", "-i", index, "--questions", squad, "--modes", "doc", "--fidelity", "--recompute", 1,
                 "--max-new-tokens", 2, "--out", out)

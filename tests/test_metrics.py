@@ -2,6 +2,7 @@
 
 import math
 import random
+import statistics
 
 import pytest
 
@@ -93,3 +94,33 @@ def test_best_gold_is_chosen_by_em_then_match_then_f1():
     # gold 1: no match, F1 0.75; gold 2: match, F1 2/3. The reference keeps gold 2's triple whole.
     scores = qa_scores("in December 1972 UTC", ["14 December 1972 UTC", "December 1972"])
     assert scores == {"em": 0.0, "match": 1.0, "f1": approx(2 / 3)}
+
+
+def test_paired_match_by_hand():
+    reference = [True, True, False, False, True]
+    hits = [True, False, True, True, True]  # loses question 2, gains 3 and 4
+    p = metrics.paired(reference, hits)
+    # per-question differences 0, -1, 1, 1, 0: mean 0.2, sample variance (3 - 5 * 0.04) / 4 = 0.7
+    spread = 1.96 * math.sqrt(0.7 / 5)
+    assert (p.lost, p.gained) == (1, 2) and p.difference == approx(20.0)
+    assert (p.low, p.high) == (approx(100 * (0.2 - spread)), approx(100 * (0.2 + spread)))
+    assert str(p) == "+20.0 (-53.3 to +93.3)"
+
+
+def test_paired_agrees_with_the_per_question_differences():
+    rng = random.Random(0)
+    reference = [rng.random() < 0.3 for _ in range(400)]
+    hits = [r if rng.random() < 0.8 else not r for r in reference]
+    d = [int(h) - int(r) for r, h in zip(reference, hits)]
+    mean, sd = sum(d) / len(d), statistics.stdev(d)
+    p = metrics.paired(reference, hits)
+    assert p.difference == approx(100 * mean)
+    assert p.high - p.low == approx(2 * 100 * 1.96 * sd / math.sqrt(len(d)))
+
+
+def test_paired_edge_cases():
+    assert metrics.paired([True, False], [True, False]) == metrics.Paired(0, 0, 0.0, 0.0, 0.0)
+    one = metrics.paired([True], [False])
+    assert (one.difference, one.low, one.high) == (-100.0, None, None) and str(one) == "-100.0 (one question)"
+    with pytest.raises(ValueError, match="same questions"):
+        metrics.paired([True, False], [True])
