@@ -138,7 +138,7 @@ def main() -> None:
         if label in matched and ref in matched and label != ref:
             d = metrics.paired(matched[ref], matched[label])
             print(f"  {label:<34} misses {d.lost:3d} that {ref} matches, matches {d.gained:3d} it misses: Match "
-                  f"{d.difference:+.1f} points, 95% interval {d.low:+.1f} to {d.high:+.1f}")
+                  f"difference in points (95% interval) {d}")
     by = {r["config"]: r for r in rows}
     # The target: a recompute row at most 1 Match point below rag doc-first best first (the issue's
     # reference; rag of the row's own order when best first was not run), keeping 80% of the TTFT win
