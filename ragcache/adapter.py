@@ -147,6 +147,15 @@ def from_cache(cache: Cache, row: int, length: int, start: int = 0) -> torch.Ten
     return out  # (layers, 2, kv_heads, tokens, head_dim)
 
 
+def prefix_cache(kv: torch.Tensor, batch: int) -> Cache:
+    """A dynamic cache holding `kv` (layers, 2, kv_heads, tokens, head_dim), already at positions 0..,
+    in each of `batch` rows: the past that a batched pass continues."""
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(kv):  # (kv_heads, tokens, head_dim) each
+        cache.update(keys[None].expand(batch, -1, -1, -1), values[None].expand(batch, -1, -1, -1), i)
+    return cache
+
+
 class ReservedLayer(DynamicLayer):
     """A cache layer over a buffer with room to spare: new tokens are written in place.
 

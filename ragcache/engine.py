@@ -71,7 +71,6 @@ class RagCache:
     def __init__(self, stored: Index, model: GritModel, retriever: Retriever):
         self.stored, self.model, self.retriever = stored, model, retriever  # stored: the index on disk
         self._frame: tuple[str, Frame] | None = None  # the chat style's frame, for the preamble it was made with
-        self._head: Encoded | None = None  # the chat style's head, computed once
         self.cost = kvtiers.CostModel()  # read or recompute: learnt from this process's reads and passes
         self.kv_source: KVSource
         self.use_tiers(gpu_gb=0, host_gb=0)  # the store alone, until a long-lived process asks for tiers
@@ -319,9 +318,7 @@ class RagCache:
         if query is not None and query.kv is not None:
             out["query"] = query.kv
         if any(s.kind == "head" and s.cached for s in layout):
-            if self._head is None or self._head.token_ids != layout[0].token_ids:
-                self._head = self.model.head_kv(self.frame)
-            out["head"] = self._head.kv
+            out["head"] = self.model.head_kv(self.frame).kv  # computed once, by the model
         return out
 
     def _check_question(self, question: str, max_new_tokens: int, mode: vocab.Mode) -> None:

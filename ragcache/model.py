@@ -143,6 +143,7 @@ class GritModel:
         self.eos_id = tokenizer.eos_token_id
         self.max_context = int(getattr(hf.config, "max_position_embeddings", 0) or 1 << 20)
         self._fingerprint: str | None = None
+        self._head: tuple[str, Encoded] | None = None  # the chat style's head and its KV, computed once
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -281,28 +282,28 @@ class GritModel:
         """The tokens and KV of each text's cached segment as `frame` reads it; no embedding.
 
         grit: the embedding prompt's pass. chat: the segment computed after the frame's head, whose
-        tokens it sees whole, with its own tokens seen as `kv` says; the head runs in every row (a few
-        dozen tokens beside hundreds). Keys are turned back to positions 0.., as every stored KV is held.
+        tokens it sees whole, with its own tokens seen as `kv` says. The head's KV is computed once and
+        read as every row's past: for a question it would otherwise be most of the pass. Keys are turned
+        back to positions 0.., as every stored KV is held.
         """
         if frame.style == "grit":
             return self.encode(texts, kv=kv, batch_size=batch_size, embed=False)
-        head = self.tokenize(frame.head)
-        after = len(head)
+        head = self.head_kv(frame)
+        after = len(head.token_ids)
         toks = [self.segment_tokens(t, frame, role) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(toks[i]))
         results: list[Encoded | None] = [None] * len(texts)
         for b in range(0, len(order), batch_size):
             rows = order[b : b + batch_size]
             lengths = [len(toks[i]) for i in rows]
-            ids = torch.zeros(len(rows), after + max(lengths), dtype=torch.long)
-            ids[:, :after] = torch.tensor(head)
+            ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
             for r, i in enumerate(rows):
-                ids[r, after : after + lengths[r]] = torch.tensor(toks[i])
+                ids[r, : lengths[r]] = torch.tensor(toks[i])
             ids = ids.to(self.device)
-            positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-            allowed = padded_allowed([after + n for n in lengths], False, self.device)  # the head: causal
-            allowed[:, after:, after:] = padded_allowed(lengths, kv == "bidirectional", self.device)
-            _, cache = self.forward(ids, positions, allowed)
+            positions = torch.arange(after, after + ids.shape[1], device=self.device).expand_as(ids)
+            allowed = torch.ones(len(rows), ids.shape[1], after + ids.shape[1], dtype=torch.bool, device=self.device)
+            allowed[:, :, after:] = padded_allowed(lengths, kv == "bidirectional", self.device)  # (b, q, head + q)
+            _, cache = self.forward(ids, positions, allowed, adapter.prefix_cache(head.kv, len(rows)))
             for r, i in enumerate(rows):
                 seg_kv = adapter.from_cache(cache, r, lengths[r], start=after)  # (layers, 2, kv_heads, n, head_dim)
                 seg_kv[:, 0] = kvlib.rotate_keys(seg_kv[:, 0], -after, self.inv_freq)
@@ -311,13 +312,16 @@ class GritModel:
 
     @torch.inference_mode()
     def head_kv(self, frame: prompts.Frame) -> Encoded:
-        """The tokens and causal KV of the chat style's head, from position 0: cached once per process."""
-        ids = self.tokenize(frame.head)
-        n = len(ids)
-        _, cache = self.forward(torch.tensor([ids], device=self.device), torch.arange(n, device=self.device)[None],
-                                padded_allowed([n], False, self.device))
-        return Encoded(ids, None, adapter.from_cache(cache, 0, n))
+        """The tokens and causal KV of the chat style's head, from position 0: computed once per head text."""
+        if self._head is None or self._head[0] != frame.head:
+            ids = self.tokenize(frame.head)
+            n = len(ids)
+            _, cache = self.forward(torch.tensor([ids], device=self.device),
+                                    torch.arange(n, device=self.device)[None], padded_allowed([n], False, self.device))
+            self._head = (frame.head, Encoded(ids, None, adapter.from_cache(cache, 0, n)))
+        return self._head[1]
 
+    @torch.inference_mode()
     def embed(self, texts: list[str] | str, instruction: str = "", batch_size: int = 8,
               show_progress_bar: bool = False, convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
         """L2-normalised embeddings, shape (n, dim), float32 numpy by default."""

@@ -130,6 +130,29 @@ def test_a_stored_chunk_is_its_kv_computed_after_the_head(chat_rc):
         assert torch.allclose(kvlib.deserialize(blob), expected, atol=1e-5)
 
 
+def test_the_head_is_computed_once_and_read_as_every_segments_past(chat_rc, monkeypatch):
+    """A question's pass (and a batch of chunks') runs its own tokens only, after the head's KV computed
+    once; each segment's KV is still the one-pass computation after the head, padding or not."""
+    model, frame = chat_rc.model, chat_rc.frame
+    head = model.head_kv(frame)
+    texts = [QUESTION, "Which river runs through Paris, and how long is it?"]
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **k: widths.append(ids.shape[1]) or forward(ids, *a, **k))
+    encoded = model.encode_segments(texts, frame, "causal", role="query")
+    monkeypatch.undo()
+    toks = [model.segment_tokens(t, frame, "query") for t in texts]
+    assert widths == [max(len(t) for t in toks)]  # one batched pass, no head tokens in it
+    after = len(head.token_ids)
+    for enc, ids in zip(encoded, toks):
+        n = len(ids)
+        _, cache = model.forward(torch.tensor([head.token_ids + ids]), torch.arange(after + n)[None],
+                                 padded_allowed([after + n], False, model.device))
+        expected = from_cache(cache, 0, n, start=after)
+        expected[:, 0] = kvlib.rotate_keys(expected[:, 0], -after, model.inv_freq)
+        assert enc.token_ids == ids and torch.allclose(enc.kv, expected, atol=1e-5)
+
+
 def test_one_causal_chunk_cached_is_rag_and_recompute_one_is_rag(chat_rc):
     rag = chat_rc.ask(QUESTION, mode="rag", top_k=3, max_new_tokens=8, ignore_eos=True)
     full = chat_rc.ask(QUESTION, mode="doc", top_k=3, max_new_tokens=8, ignore_eos=True, recompute=1.0)
