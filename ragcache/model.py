@@ -321,7 +321,6 @@ class GritModel:
             self._head = (frame.head, Encoded(ids, None, adapter.from_cache(cache, 0, n)))
         return self._head[1]
 
-    @torch.inference_mode()
     def embed(self, texts: list[str] | str, instruction: str = "", batch_size: int = 8,
               show_progress_bar: bool = False, convert_to_numpy: bool = True) -> np.ndarray | torch.Tensor:
         """L2-normalised embeddings, shape (n, dim), float32 numpy by default."""

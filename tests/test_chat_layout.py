@@ -118,14 +118,7 @@ def test_a_stored_chunk_is_its_kv_computed_after_the_head(chat_rc):
     record, model = chat_rc.store.chunk(cid), chat_rc.model
     head = model.tokenize(chat_rc.frame.head)
     assert model.decode(record.token_ids).endswith("\n\n")  # the passage as the user turn holds it
-    n, after = len(record.token_ids), len(head)
-    ids = torch.tensor([head + record.token_ids])
-    allowed = padded_allowed([after + n], False, model.device)
-    if chat_rc.meta.kv_attention == "bidirectional":
-        allowed[:, after:, after:] = True
-    _, cache = model.forward(ids, torch.arange(after + n)[None], allowed)
-    expected = from_cache(cache, 0, n, start=after)
-    expected[:, 0] = kvlib.rotate_keys(expected[:, 0], -after, model.inv_freq)  # stored from position 0
+    expected = _kv_after_head(model, head, record.token_ids, chat_rc.meta.kv_attention == "bidirectional")
     with chat_rc.store.kv_views([cid]) as (blob,):
         assert torch.allclose(kvlib.deserialize(blob), expected, atol=1e-5)
 
@@ -143,14 +136,21 @@ def test_the_head_is_computed_once_and_read_as_every_segments_past(chat_rc, monk
     monkeypatch.undo()
     toks = [model.segment_tokens(t, frame, "query") for t in texts]
     assert widths == [max(len(t) for t in toks)]  # one batched pass, no head tokens in it
-    after = len(head.token_ids)
     for enc, ids in zip(encoded, toks):
-        n = len(ids)
-        _, cache = model.forward(torch.tensor([head.token_ids + ids]), torch.arange(after + n)[None],
-                                 padded_allowed([after + n], False, model.device))
-        expected = from_cache(cache, 0, n, start=after)
-        expected[:, 0] = kvlib.rotate_keys(expected[:, 0], -after, model.inv_freq)
-        assert enc.token_ids == ids and torch.allclose(enc.kv, expected, atol=1e-5)
+        assert enc.token_ids == ids and torch.allclose(enc.kv, _kv_after_head(model, head.token_ids, ids), atol=1e-5)
+
+
+def _kv_after_head(model, head: list[int], ids: list[int], bidirectional: bool = False) -> torch.Tensor:
+    """The reference: `ids`' KV from one pass over the head and them, keys turned back to position 0
+    as stored."""
+    n, after = len(ids), len(head)
+    allowed = padded_allowed([after + n], False, model.device)
+    if bidirectional:
+        allowed[:, after:, after:] = True
+    _, cache = model.forward(torch.tensor([head + ids]), torch.arange(after + n)[None], allowed)
+    expected = from_cache(cache, 0, n, start=after)
+    expected[:, 0] = kvlib.rotate_keys(expected[:, 0], -after, model.inv_freq)  # stored from position 0
+    return expected
 
 
 def test_one_causal_chunk_cached_is_rag_and_recompute_one_is_rag(chat_rc):
