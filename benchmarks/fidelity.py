@@ -27,6 +27,9 @@ recomputes, by drift alone (first-token and teacher-forced KL, top-1): `deviatio
 chunk that is not already exact, `last` their last tokens, `random` a seeded draw among them, those
 three recomputed in every layer, all at the same cost in token-layers (fewer where a chunk is
 shorter than its share).
+
+With --ttft-only it runs the interleaved time pass alone (a token a row, no scores), and prints the
+share of `doc`'s win over `rag` each recompute row keeps: the time side for rows scored in other runs.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def main() -> None:
     p.add_argument("--codecs", help="compare these KV codecs in doc mode instead (e.g. raw,fp8,int8,int4)")
     p.add_argument("--selections", help="compare ways of choosing the recomputed tokens instead "
                                         "(among deviation,first,last,random), by drift")
+    p.add_argument("--ttft-only", action="store_true", help="only the time side: the interleaved pass, one token "
+                                                            "a row, without the scores")
     p.add_argument("--squad", type=Path, default=SQUAD)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
@@ -97,14 +102,16 @@ def main() -> None:
             return compare_codecs(model, embedder, corpus, questions, args, tmp)
         if args.selections:
             return compare_selections(model, embedder, corpus, questions, args, tmp)
-        rows, matched = [], {}  # matched: each config's per-question Match, for the flips against rag
-        answers_dir = args.out / f"fidelity-{STAMP}"  # beside fidelity-{STAMP}.json, the summary
-        answers_dir.mkdir(parents=True, exist_ok=True)
         with RagCache.open(tmp / "idx", model=model, embedder=embedder) as rc:
             t = time.perf_counter()
             stats = rc.index([corpus], chunk_tokens=512)  # a chunk a paragraph
             print(f"indexed {stats.chunks} chunks in {time.perf_counter() - t:.0f} s", flush=True)
             rc.ask(questions[0]["question"], mode="doc", top_k=args.top_k, max_new_tokens=2)  # warm-up
+            if args.ttft_only:
+                return time_side(rc, questions, configs, args)
+            rows, matched = [], {}  # matched: each config's per-question Match, for the flips against rag
+            answers_dir = args.out / f"fidelity-{STAMP}"  # beside fidelity-{STAMP}.json, the summary
+            answers_dir.mkdir(parents=True, exist_ok=True)
             for label, config in configs:
                 t = time.perf_counter()
                 per_question = answers_dir / f"{label.replace(' --', '-').replace(' ', '-')}.jsonl"
@@ -174,6 +181,27 @@ def interleaved_ttft(rc: RagCache, questions: list[dict], configs: list, top_k: 
                          max_new_tokens=1, chunk_order=config["chunk_order"], recompute=config.get("recompute", 0.0))
             times[label].append(ans.timings_ms["ttft"])
     return {label: statistics.median(t) for label, t in times.items()}
+
+
+def time_side(rc: RagCache, questions: list[dict], configs: list, args) -> None:
+    """--ttft-only: the interleaved medians alone, and the share of doc's win over rag each recompute
+    row keeps. The time side costs a token a row, so it can cover rows whose scores came from other runs."""
+    t = time.perf_counter()
+    ttft = interleaved_ttft(rc, questions, configs, args.top_k)
+    print(f"  TTFT, every row in turn question by question ({time.perf_counter() - t:.0f} s)", flush=True)
+    rows = []
+    for label, config in configs:
+        tag = _tag(config["chunk_order"])
+        rag, doc = ttft.get("rag doc-first" + tag), ttft.get("doc" + tag)
+        kept = None
+        if config.get("recompute") is not None and rag is not None and doc is not None and rag > doc:
+            kept = (rag - ttft[label]) / (rag - doc)
+        rows.append({"config": label, "chunk_order": config["chunk_order"], "recompute": config.get("recompute"),
+                     "ttft_ms_median": ttft[label], "kept_of_doc_win": kept})
+    print(table(["config", "TTFT ms (median, interleaved)", "share of doc's win over rag kept"],
+                [[r["config"], f"{r['ttft_ms_median']:.1f}",
+                  "" if r["kept_of_doc_win"] is None else f"{100 * r['kept_of_doc_win']:.0f}%"] for r in rows]))
+    save(args.out, "fidelity-ttft", rows)
 
 
 def _tag(order: str) -> str:
