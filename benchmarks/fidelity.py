@@ -125,9 +125,7 @@ def main() -> None:
                 print(f"  {label:<30} Match {row['match']:5.1f}  first-token KL {row['kl_first']:.4f}  "
                       f"TTFT in this row alone {row['ttft_ms_median']:6.1f} ms  ({time.perf_counter() - t:.0f} s)",
                       flush=True)
-            t = time.perf_counter()
             ttft = interleaved_ttft(rc, questions, configs, args.top_k)
-            print(f"  TTFT, every row in turn question by question ({time.perf_counter() - t:.0f} s)", flush=True)
             for row in rows:
                 row["ttft_ms_alone"], row["ttft_ms_median"] = row["ttft_ms_median"], ttft[row["config"]]
 
@@ -160,7 +158,7 @@ def main() -> None:
         print(f"\ndoc{tag} vs rag doc-first{tag}: Match {doc['match'] - rag['match']:+.1f} points, TTFT win {win:.1f} ms")
         for r in rows:
             if r["recompute"] is not None and r["chunk_order"] == order:
-                kept = (rag["ttft_ms_median"] - r["ttft_ms_median"]) / win if win > 0 else float("nan")
+                kept = kept_share(rag["ttft_ms_median"], doc["ttft_ms_median"], r["ttft_ms_median"])
                 ok = r["match"] >= reference["match"] - 1.0 and kept >= 0.8
                 same = f", {r['match'] - rag['match']:+.1f} of rag doc-first{tag}" if rag is not reference else ""
                 print(f"{'PASS' if ok else 'FAIL'}  {r['config']}: Match {r['match'] - reference['match']:+.1f} points of "
@@ -173,6 +171,7 @@ def interleaved_ttft(rc: RagCache, questions: list[dict], configs: list, top_k: 
     to ask moving on one place each question), so that a machine slowing down during the run, as shared
     ones do, slows every row alike. Rows timed one after another are not comparable: in one 75-minute
     run the same question embedding took 13.7 ms in its first row and 21.8 ms in its last."""
+    t = time.perf_counter()
     times: dict[str, list[float]] = {label: [] for label, _ in configs}
     for n, q in enumerate(questions):
         turn = n % len(configs)
@@ -180,22 +179,26 @@ def interleaved_ttft(rc: RagCache, questions: list[dict], configs: list, top_k: 
             ans = rc.ask(q["question"], mode=config["modes"][0], top_k=top_k, order=config.get("order", "doc-first"),
                          max_new_tokens=1, chunk_order=config["chunk_order"], recompute=config.get("recompute", 0.0))
             times[label].append(ans.timings_ms["ttft"])
-    return {label: statistics.median(t) for label, t in times.items()}
+    print(f"  TTFT, every row in turn question by question ({time.perf_counter() - t:.0f} s)", flush=True)
+    return {label: statistics.median(ms) for label, ms in times.items()}
+
+
+def kept_share(rag_ms: float, doc_ms: float, row_ms: float) -> float:
+    """The share of doc's time-to-first-token win over rag that a row keeps (nan where doc wins nothing)."""
+    return (rag_ms - row_ms) / (rag_ms - doc_ms) if rag_ms > doc_ms else float("nan")
 
 
 def time_side(rc: RagCache, questions: list[dict], configs: list, args) -> None:
     """--ttft-only: the interleaved medians alone, and the share of doc's win over rag each recompute
     row keeps. The time side costs a token a row, so it can cover rows whose scores came from other runs."""
-    t = time.perf_counter()
     ttft = interleaved_ttft(rc, questions, configs, args.top_k)
-    print(f"  TTFT, every row in turn question by question ({time.perf_counter() - t:.0f} s)", flush=True)
     rows = []
     for label, config in configs:
         tag = _tag(config["chunk_order"])
         rag, doc = ttft.get("rag doc-first" + tag), ttft.get("doc" + tag)
         kept = None
         if config.get("recompute") is not None and rag is not None and doc is not None and rag > doc:
-            kept = (rag - ttft[label]) / (rag - doc)
+            kept = kept_share(rag, doc, ttft[label])
         rows.append({"config": label, "chunk_order": config["chunk_order"], "recompute": config.get("recompute"),
                      "ttft_ms_median": ttft[label], "kept_of_doc_win": kept})
     print(table(["config", "TTFT ms (median, interleaved)", "share of doc's win over rag kept"],
